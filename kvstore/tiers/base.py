@@ -1,0 +1,119 @@
+"""The tier contract shared by device, host, SSD and Redis tiers."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from types import TracebackType
+
+from kvstore.chunk import KVChunk
+from kvstore.codec import encode
+from kvstore.keys import ChunkKey
+from kvstore.tiers.stats import TierStats
+
+Evicted = tuple[ChunkKey, KVChunk]
+
+
+class Tier(ABC):
+    """A byte-bounded map ``ChunkKey -> KVChunk`` on one medium.
+
+    Contracts (every implementation):
+
+    - Thread-safe: any method may be called from many threads at once; no global lock is held across I/O.
+    - ``get``/``get_many`` return ``None`` for a miss. A corrupt entry is removed, counted in
+      ``stats.corrupt`` and reported as a miss, never returned. Returned chunks are read-only: callers clone
+      before modifying them in place.
+    - ``put``/``put_many`` store (replacing any previous value of the key) and return what was evicted to stay
+      within ``budget_bytes``. Memory tiers return evicted chunks; persistent tiers load them only when
+      ``collect_evicted`` is set (the store sets it when the tier below takes demotions) and return ``[]``
+      otherwise. A chunk larger than the whole budget is not stored and comes back as evicted itself.
+      ``owned=True`` says the caller hands the tensors over (nobody else writes them), so a memory tier may
+      keep them without a copy.
+    - Failures: :class:`~kvstore.errors.TierUnavailableError` when the medium cannot be reached (the store
+      backs off), :class:`~kvstore.errors.TierError` for other failures of one operation (e.g. disk full);
+      both are counted in ``stats.errors``. Reads keep working after a failed write.
+    - ``used_bytes <= budget_bytes`` after every operation returns.
+    """
+
+    name: str = "tier"
+    collect_evicted: bool = False
+    stats: TierStats
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int:
+        """Bytes currently accounted to this tier."""
+
+    @property
+    @abstractmethod
+    def budget_bytes(self) -> int:
+        """The byte budget this tier never exceeds."""
+
+    @abstractmethod
+    def get(self, key: ChunkKey) -> KVChunk | None:
+        """The chunk under ``key`` or ``None``."""
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
+        """One result per key, in order; each key independent of the others."""
+        return [self.get(k) for k in keys]
+
+    @abstractmethod
+    def put(self, key: ChunkKey, chunk: KVChunk, *, owned: bool = False) -> list[Evicted]:
+        """Store ``chunk`` under ``key``; returns evicted entries (see class contract)."""
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, KVChunk]], *, owned: bool = False) -> list[Evicted]:
+        """Store several chunks; returns everything evicted on the way."""
+        evicted: list[Evicted] = []
+        for key, chunk in items:
+            evicted.extend(self.put(key, chunk, owned=owned))
+        return evicted
+
+    @abstractmethod
+    def contains(self, key: ChunkKey) -> bool:
+        """Whether ``key`` is (believed to be) present; cheap, may not validate contents."""
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        return [self.contains(k) for k in keys]
+
+    @abstractmethod
+    def delete(self, key: ChunkKey) -> bool:
+        """Remove ``key``; ``True`` if it was present."""
+
+    @abstractmethod
+    def keys(self) -> list[ChunkKey]:
+        """The keys this tier holds (for administration; may be slow on remote tiers)."""
+
+    def get_blob(self, key: ChunkKey) -> bytes | None:
+        """The codec blob of ``key`` (validated) or ``None``; tiers storing blobs override this."""
+        chunk = self.get(key)
+        return None if chunk is None else encode(chunk)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; the tier is unusable afterwards."""
+
+    def __enter__(self) -> Tier:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, used={self.used_bytes}, budget={self.budget_bytes})"
+        )
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds``: wall time of a block."""
+
+    seconds: float = 0.0
+
+    def __enter__(self) -> Timer:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._start

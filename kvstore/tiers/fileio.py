@@ -1,0 +1,74 @@
+"""Small, careful file primitives for the SSD tier (vectored writes, exact reads, durable renames)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+
+import torch
+
+from kvstore.hostmem import empty_host
+
+
+def write_all(fd: int, pieces: Sequence[memoryview | bytes]) -> None:
+    """Write every piece, in order, with as few ``writev`` calls as the kernel allows (no joining copy)."""
+    views = [memoryview(p).cast("B") for p in pieces if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def read_exact(fd: int, buf: memoryview) -> None:
+    """Fill ``buf`` from ``fd``; raises EOFError if the file ends first."""
+    got = 0
+    while got < buf.nbytes:
+        n = os.readv(fd, [buf[got:]])
+        if n == 0:
+            raise EOFError("file shrank while reading")
+        got += n
+
+
+def read_file(path: str) -> tuple[torch.Tensor, int]:
+    """The whole file in a fresh host buffer (uint8 tensor), and its inode number."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        buf = empty_host(st.st_size)
+        if st.st_size:
+            read_exact(fd, buf.numpy().data)
+        return buf, st.st_ino
+    finally:
+        os.close(fd)
+
+
+def write_new_file(path: str, pieces: Sequence[memoryview | bytes], fsync: bool) -> None:
+    """Create ``path`` (must not exist) with ``pieces``; fsync it when asked. Removed again on failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        write_all(fd, pieces)
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        unlink_quiet(path)
+        raise
+    os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make renames and unlinks in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quiet(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

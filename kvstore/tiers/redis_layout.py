@@ -1,0 +1,94 @@
+"""How the Redis tier names its keys and describes striped blobs (manifests)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import msgpack
+
+from kvstore.errors import CodecError
+from kvstore.keys import ChunkKey
+
+MANIFEST_MAGIC = b"KVFM"
+PART_ALIGN = 4096
+
+
+def is_manifest(value: bytes) -> bool:
+    return value[: len(MANIFEST_MAGIC)] == MANIFEST_MAGIC
+
+
+def stripe_plan(payload_nbytes: int, stripe_bytes: int) -> tuple[int, int]:
+    """(part count, part size): the fewest parts of at most ``stripe_bytes``, of equal 4 KiB-multiple size."""
+    n = max(1, math.ceil(payload_nbytes / stripe_bytes))
+    size = max(PART_ALIGN, -(-math.ceil(payload_nbytes / n) // PART_ALIGN) * PART_ALIGN)
+    return max(1, math.ceil(payload_nbytes / size)), size
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """``{prefix}{<hex>}`` holds a blob or manifest; ``{prefix}{<hex>}:<gen>:<i>`` holds part ``i``.
+
+    The hash tag ``{<hex>}`` puts all keys of one blob in one cluster slot.
+    """
+
+    prefix: str
+
+    def main_key(self, key: ChunkKey) -> bytes:
+        return f"{self.prefix}{{{key.hex}}}".encode()
+
+    def part_names(self, key: ChunkKey, gen: str, n: int) -> list[bytes]:
+        main = self.main_key(key)
+        return [main + f":{gen}:{i}".encode() for i in range(n)]
+
+    @property
+    def scan_pattern(self) -> str:
+        """A SCAN pattern matching main keys only (part names do not end in ``}``)."""
+        return f"{self.prefix}{{*}}"
+
+    def key_of(self, name: bytes | str) -> ChunkKey | None:
+        """The chunk key of a main key name, or ``None`` for anything else."""
+        text = name.decode() if isinstance(name, bytes) else name
+        if not (text.startswith(self.prefix + "{") and text.endswith("}")):
+            return None
+        try:
+            return ChunkKey.from_hex(text[len(self.prefix) + 1 : -1])
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Describes a striped blob: its codec head and where the payload parts are."""
+
+    gen: str
+    nparts: int
+    part_size: int
+    payload_nbytes: int
+    head: bytes
+
+    def to_bytes(self) -> bytes:
+        body = {
+            "g": self.gen,
+            "n": self.nparts,
+            "ps": self.part_size,
+            "pl": self.payload_nbytes,
+            "h": self.head,
+        }
+        return MANIFEST_MAGIC + msgpack.packb(body, use_bin_type=True)
+
+    @classmethod
+    def parse(cls, value: bytes) -> Manifest:
+        """Raises :class:`CodecError` when ``value`` is not a well-formed manifest."""
+        if not is_manifest(value):
+            raise CodecError("not a manifest")
+        try:
+            m = msgpack.unpackb(value[len(MANIFEST_MAGIC) :], raw=False)
+            gen, n, ps, pl, head = m["g"], m["n"], m["ps"], m["pl"], m["h"]
+        except Exception as exc:
+            raise CodecError(f"malformed manifest: {exc}") from exc
+        ok = isinstance(gen, str) and gen.isalnum() and isinstance(head, bytes)
+        ok = ok and all(type(v) is int and v >= 0 for v in (n, ps, pl)) and ps > 0
+        if not ok or n != math.ceil(pl / ps):
+            raise CodecError("malformed manifest")
+        return cls(gen, n, ps, pl, head)

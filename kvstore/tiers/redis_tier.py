@@ -1,0 +1,346 @@
+"""Redis tier: blobs in Redis (single server or cluster), large blobs striped over parallel connections.
+
+Key layout (``P`` = ``{key_prefix}:{namespace}:``)::
+
+    P{<key hex>}               the whole codec blob (when it fits one stripe), or a manifest
+    P{<key hex>}:<gen>:<i>     payload part i of a striped blob; <gen> = payload checksum
+
+A manifest (``KVFM`` + msgpack: codec head, part count/size, payload length, gen) is written with
+``SET ... GET`` only after every part is stored, so a manifest is never visible without its parts; the
+reply names the previous generation, whose parts are then deleted. Readers fetch the manifest, then the
+parts in parallel, reassemble and verify the codec checksums; a missing part (expired, evicted by Redis) is
+a clean miss. The hash tag ``{<key hex>}`` keeps a blob's keys on one cluster slot.
+
+Budget: the tier tracks the bytes of blobs it wrote itself and evicts its own keys (by policy) beyond
+``budget_bytes``. Redis' ``maxmemory`` (with an ``allkeys-*`` policy) is the hard bound for the server,
+which other clients share. Needs Redis >= 6.2 (``SET ... GET``, ``GETDEL``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+import torch
+from redis.cluster import RedisCluster
+
+from kvstore.chunk import KVChunk
+from kvstore.codec import MAGIC, EncodedBlob, decode, decode_buffer, encode_parts, peek_header
+from kvstore.errors import CodecError, TierError
+from kvstore.hostmem import empty_host
+from kvstore.keys import ChunkKey
+from kvstore.tiers.base import Evicted, Tier
+from kvstore.tiers.eviction import EvictionPolicy, make_policy
+from kvstore.tiers.redis_client import make_client, translate_errors
+from kvstore.tiers.redis_fastpath import get_into
+from kvstore.tiers.redis_layout import KeyLayout, Manifest, is_manifest, stripe_plan
+from kvstore.tiers.stats import TierStats
+
+log = logging.getLogger(__name__)
+
+_PART_TTL_MARGIN_MS = 60_000
+
+
+@dataclass
+class _Striped:
+    """A manifest being read: where its parts go."""
+
+    index: int
+    key: ChunkKey
+    names: list[bytes]
+    part_size: int
+    head_len: int
+    buf: torch.Tensor
+    missing: bool = False
+
+
+class RedisTier(Tier):
+    """Chunks as codec blobs in Redis; see the module docstring for layout and guarantees."""
+
+    def __init__(
+        self,
+        url: str,
+        budget_bytes: int,
+        *,
+        cluster: bool = False,
+        namespace: str = "default",
+        key_prefix: str = "kvfuse",
+        ttl_s: float | None = None,
+        stripe_bytes: int = 2 << 20,
+        io_threads: int = 4,
+        connect_timeout_s: float = 0.5,
+        timeout_s: float = 5.0,
+        policy: str | EvictionPolicy = "lru",
+        name: str = "redis",
+    ) -> None:
+        for part in (namespace, key_prefix):
+            if not part or any(c in part for c in "{}*?[] "):
+                raise ValueError(f"invalid redis key prefix/namespace {part!r}")
+        if stripe_bytes < 4096 or io_threads < 1 or budget_bytes < 0:
+            raise ValueError("stripe_bytes >= 4096, io_threads >= 1, budget_bytes >= 0 required")
+        self.name = name
+        self.url = url
+        self.layout = KeyLayout(f"{key_prefix}:{namespace}:")
+        self.ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
+        self.stripe_bytes = int(stripe_bytes)
+        self._budget = int(budget_bytes)
+        self._policy = make_policy(policy) if isinstance(policy, str) else policy
+        self._sizes: dict[ChunkKey, int] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+        self.stats = TierStats()
+        self.client = make_client(
+            url,
+            cluster=cluster,
+            connect_timeout_s=connect_timeout_s,
+            timeout_s=timeout_s,
+            max_connections=4 * io_threads + 8,
+        )
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix=f"kvstore-{name}")
+        self._io_threads = io_threads
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._budget
+
+    def main_key(self, key: ChunkKey) -> bytes:
+        """The Redis key holding ``key``'s blob or manifest."""
+        return self.layout.main_key(key)
+
+    # -- reads ----------------------------------------------------------------------------------------
+    def _mget(self, names: list[bytes]) -> list[bytes | None]:
+        if isinstance(self.client, RedisCluster):
+            return cast(list[bytes | None], list(self.client.mget_nonatomic(names)))
+        if len(names) <= 2:
+            return cast(list[bytes | None], list(self.client.mget(names)))
+        step = math.ceil(len(names) / self._io_threads)
+        groups = [names[i : i + step] for i in range(0, len(names), step)]
+        return [cast(bytes | None, v) for vals in self._pool.map(self.client.mget, groups) for v in vals]
+
+    def _fetch_part(self, job: _Striped, i: int) -> None:
+        start = job.head_len + i * job.part_size
+        end = min(start + job.part_size, job.buf.numel())
+        if not get_into(self.client, job.names[i], job.buf.numpy().data[start:end]):
+            job.missing = True
+
+    def _drop_corrupt(self, key: ChunkKey, exc: Exception) -> None:
+        self.stats.add(corrupt=1)
+        log.warning("redis tier: dropping corrupt blob %s (%s)", key.hex, exc)
+        with contextlib.suppress(TierError):
+            self._delete_remote(key)
+        self._forget(key)
+
+    def get(self, key: ChunkKey) -> KVChunk | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
+        start = time.perf_counter()
+        out: list[KVChunk | None] = [None] * len(keys)
+        nbytes = 0
+        with translate_errors(self.client, "get", self.stats):
+            values = self._mget([self.main_key(k) for k in keys]) if keys else []
+            jobs: list[_Striped] = []
+            for i, (key, value) in enumerate(zip(keys, values, strict=True)):
+                try:
+                    if value is None:
+                        self._forget(key)
+                    elif value[: len(MAGIC)] == MAGIC:
+                        out[i] = decode(value)
+                        nbytes += len(value)
+                    elif is_manifest(value):
+                        m = Manifest.parse(value)
+                        hdr = peek_header(m.head)  # checksummed: sizes below are trustworthy
+                        if hdr.payload_offset != len(m.head) or hdr.payload_nbytes != m.payload_nbytes:
+                            raise CodecError("manifest does not match its blob header")
+                        buf = empty_host(len(m.head) + m.payload_nbytes)
+                        buf.numpy()[: len(m.head)] = np.frombuffer(m.head, dtype=np.uint8)
+                        names = self.layout.part_names(key, m.gen, m.nparts)
+                        jobs.append(_Striped(i, key, names, m.part_size, len(m.head), buf))
+                    else:
+                        raise CodecError("value is neither a blob nor a manifest")
+                except CodecError as exc:
+                    self._drop_corrupt(key, exc)
+            futures = [
+                self._pool.submit(self._fetch_part, job, p) for job in jobs for p in range(len(job.names))
+            ]
+            for f in futures:
+                f.result()
+        for job in jobs:
+            if job.missing:  # a part expired or was evicted by Redis: drop the orphaned manifest too
+                log.info("redis tier: blob %s lost a part; miss", job.key.hex)
+                with contextlib.suppress(TierError):
+                    self._delete_remote(job.key)
+                self._forget(job.key)
+                continue
+            try:
+                out[job.index] = decode_buffer(job.buf)
+                nbytes += job.buf.numel()
+            except CodecError as exc:
+                self._drop_corrupt(job.key, exc)
+        with self._lock:
+            for key, chunk in zip(keys, out, strict=True):
+                if chunk is not None:
+                    self._policy.touch(key)
+        hits = sum(c is not None for c in out)
+        self.stats.record_get(hits, len(out) - hits, nbytes, time.perf_counter() - start)
+        return out
+
+    # -- writes ---------------------------------------------------------------------------------------
+    def _delete_remote(self, key: ChunkKey) -> bool:
+        with translate_errors(self.client, "delete", self.stats):
+            old = cast(bytes | None, self.client.getdel(self.main_key(key)))
+            if old is not None and is_manifest(old):
+                self._delete_parts(key, old)
+        return old is not None
+
+    def _delete_parts(self, key: ChunkKey, manifest: bytes, keep_gen: str | None = None) -> None:
+        try:
+            m = Manifest.parse(manifest)
+        except CodecError:
+            return
+        if m.gen != keep_gen and m.nparts:
+            self.client.unlink(*self.layout.part_names(key, m.gen, m.nparts))
+
+    def _set_value(self, name: bytes, value: bytes | memoryview, px: int | None) -> None:
+        self.client.set(name, value, px=px)
+
+    def _submit_parts(self, key: ChunkKey, enc: EncodedBlob) -> tuple[str, bytes, list[Future[None]]]:
+        """Start writing ``enc``'s payload parts; returns (gen, manifest, futures)."""
+        gen = f"{enc.checksum:016x}"
+        n, ps = stripe_plan(enc.payload.nbytes, self.stripe_bytes)
+        names = self.layout.part_names(key, gen, n)
+        px = None if self.ttl_ms is None else self.ttl_ms + _PART_TTL_MARGIN_MS
+        futures = [
+            self._pool.submit(self._set_value, names[i], enc.payload[i * ps : (i + 1) * ps], px)
+            for i in range(n)
+        ]
+        return gen, Manifest(gen, n, ps, enc.payload.nbytes, enc.head).to_bytes(), futures
+
+    def put(self, key: ChunkKey, chunk: KVChunk, *, owned: bool = False) -> list[Evicted]:
+        return self.put_many([(key, chunk)], owned=owned)
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, KVChunk]], *, owned: bool = False) -> list[Evicted]:
+        """Parts of every striped blob go out in parallel; then all main keys (whole small blobs and
+        manifests) in one pipeline of ``SET ... GET``, whose replies name superseded parts to delete."""
+        start = time.perf_counter()
+        evicted: list[Evicted] = []
+        sizes: dict[ChunkKey, int] = {}
+        mains: list[tuple[ChunkKey, bytes, str | None]] = []  # (key, value, gen)
+        futures: list[Future[None]] = []
+        with translate_errors(self.client, "put", self.stats):
+            for key, chunk in items:
+                enc = encode_parts(chunk)
+                if enc.nbytes > self._budget:
+                    self.stats.add(evictions=1)
+                    evicted.append((key, chunk))
+                    continue
+                sizes[key] = enc.nbytes
+                if enc.nbytes <= self.stripe_bytes:
+                    mains.append((key, enc.to_bytes(), None))
+                else:
+                    gen, manifest, parts = self._submit_parts(key, enc)
+                    futures += parts
+                    mains.append((key, manifest, gen))
+            for f in futures:
+                f.result()
+            if mains:
+                pipe = self.client.pipeline(transaction=False)
+                for key, value, _ in mains:
+                    pipe.set(self.main_key(key), value, px=self.ttl_ms, get=True)
+                olds = pipe.execute()
+                for (key, _, new_gen), old in zip(mains, olds, strict=True):
+                    if isinstance(old, bytes) and is_manifest(old):
+                        self._delete_parts(key, old, keep_gen=new_gen)
+        victims = self._account(sizes)
+        evicted += self._evict(victims)
+        self.stats.record_put(len(sizes), sum(sizes.values()), time.perf_counter() - start)
+        return evicted
+
+    def _account(self, sizes: dict[ChunkKey, int]) -> list[ChunkKey]:
+        """Track newly written blobs; returns the keys to evict to stay within budget."""
+        victims: list[ChunkKey] = []
+        with self._lock:
+            for key, size in sizes.items():
+                previous = self._sizes.pop(key, None)
+                if previous is not None:
+                    self._used -= previous
+                    self._policy.remove(key)
+                while self._used + size > self._budget and (victim := self._policy.victim()) is not None:
+                    self._policy.remove(victim)
+                    self._used -= self._sizes.pop(victim)
+                    victims.append(victim)
+                self._sizes[key] = size
+                self._used += size
+                self._policy.insert(key, size)
+        return victims
+
+    def _evict(self, victims: list[ChunkKey]) -> list[Evicted]:
+        if not victims:
+            return []
+        evicted: list[Evicted] = []
+        if self.collect_evicted:
+            chunks = self.get_many(victims)
+            evicted = [(k, c) for k, c in zip(victims, chunks, strict=True) if c is not None]
+        for key in victims:
+            self._delete_remote(key)
+        self.stats.add(evictions=len(victims))
+        return evicted
+
+    def _forget(self, key: ChunkKey) -> None:
+        with self._lock:
+            size = self._sizes.pop(key, None)
+            if size is not None:
+                self._used -= size
+                self._policy.remove(key)
+
+    # -- the rest -------------------------------------------------------------------------------------
+    def contains(self, key: ChunkKey) -> bool:
+        return self.contains_many([key])[0]
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        if not keys:
+            return []
+        with translate_errors(self.client, "contains", self.stats):
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(self.main_key(key))
+            return [bool(n) for n in pipe.execute()]
+
+    def delete(self, key: ChunkKey) -> bool:
+        self._forget(key)
+        return self._delete_remote(key)
+
+    def keys(self) -> list[ChunkKey]:
+        out: list[ChunkKey] = []
+        with translate_errors(self.client, "keys", self.stats):
+            for name in self.client.scan_iter(match=self.layout.scan_pattern, count=1000):
+                key = self.layout.key_of(name)
+                if key is not None:
+                    out.append(key)
+        return out
+
+    def ping(self) -> bool:
+        """Whether the server answers (never raises)."""
+        try:
+            return bool(self.client.ping())
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        try:
+            self.client.close()
+        except Exception:  # pragma: no cover - best effort
+            log.debug("closing redis client failed", exc_info=True)

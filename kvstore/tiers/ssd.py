@@ -1,0 +1,352 @@
+"""SSD tier: one codec blob per file, atomic write-then-rename, index rebuilt by scanning on start.
+
+Layout: ``root/<first two hex digits>/<key hex>.kvf``. A write goes to a unique hidden temp file in the same
+directory, is fsynced (``fsync="always"``, the default), renamed over the final name with ``os.replace`` and
+the directory is fsynced, so after a crash a file is either the complete old blob, the complete new blob
+or absent. ``fsync="never"`` skips both fsyncs: faster, and a crash can then leave a file that fails its
+checksum, which is detected and removed like any corrupt file. Leftover temp files, truncated or corrupt
+blobs are removed at start (counted in ``stats.corrupt``); a blob that fails its checksum on read is
+removed and reported as a miss. One process owns a directory at a time (the index lives in memory).
+Reads and batch writes use ``io_threads`` parallel file operations (SSDs need queue depth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+from kvstore.chunk import KVChunk
+from kvstore.codec import PREFIX_SIZE, decode_buffer, encode_parts, header_nbytes, peek_header, verify
+from kvstore.errors import CodecError, TierError
+from kvstore.keys import ChunkKey
+from kvstore.tiers.base import Evicted, Tier
+from kvstore.tiers.eviction import EvictionPolicy, make_policy
+from kvstore.tiers.fileio import fsync_dir, read_file, unlink_quiet, write_new_file
+from kvstore.tiers.stats import TierStats
+
+log = logging.getLogger(__name__)
+
+FsyncPolicy = Literal["always", "never"]
+SUFFIX = ".kvf"
+TMP_SUFFIX = ".tmp"
+
+
+class SSDTier(Tier):
+    """Blob files under ``root`` within ``budget_bytes`` (file sizes); see the module docstring."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        budget_bytes: int,
+        *,
+        fsync: FsyncPolicy = "always",
+        policy: str | EvictionPolicy = "lru",
+        io_threads: int = 4,
+        name: str = "ssd",
+    ) -> None:
+        if fsync not in ("always", "never"):
+            raise ValueError(f"fsync must be 'always' or 'never', got {fsync!r}")
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self.name = name
+        self.root = os.fspath(root)
+        self.fsync = fsync
+        self._budget = int(budget_bytes)
+        self._policy = make_policy(policy) if isinstance(policy, str) else policy
+        self._index: dict[ChunkKey, int] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+        self._dirs: set[str] = set()
+        self.stats = TierStats()
+        self._pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix=f"kvstore-{name}")
+        os.makedirs(self.root, exist_ok=True)
+        self._scan()
+
+    # -- layout ---------------------------------------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._budget
+
+    def path_of(self, key: ChunkKey) -> str:
+        """The file a key's blob lives in."""
+        h = key.hex
+        return os.path.join(self.root, h[:2], h + SUFFIX)
+
+    def _aside(self, path: str) -> str:
+        head, tail = os.path.split(path)
+        return os.path.join(head, f".{tail}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+
+    # -- start-up scan --------------------------------------------------------------------------------
+    def _valid_file(self, path: str, size: int) -> bool:
+        try:
+            with open(path, "rb") as f:
+                prefix = f.read(PREFIX_SIZE)
+                head = prefix + f.read(max(0, header_nbytes(prefix) - PREFIX_SIZE))
+            return peek_header(head).total_nbytes == size
+        except (OSError, CodecError):
+            return False
+
+    def _scan(self) -> None:
+        found: list[tuple[int, ChunkKey, int]] = []
+        corrupt = 0
+        for sub in os.scandir(self.root):
+            if not (sub.is_dir() and len(sub.name) == 2):
+                continue
+            self._dirs.add(sub.path)
+            for entry in os.scandir(sub.path):
+                name = entry.name
+                if name.endswith(TMP_SUFFIX):
+                    unlink_quiet(entry.path)
+                    corrupt += 1
+                    continue
+                if not name.endswith(SUFFIX):
+                    continue
+                try:
+                    key = ChunkKey.from_hex(name[: -len(SUFFIX)])
+                except ValueError:
+                    continue
+                st = entry.stat()
+                if key.hex[:2] != sub.name or not self._valid_file(entry.path, st.st_size):
+                    unlink_quiet(entry.path)
+                    corrupt += 1
+                    continue
+                found.append((st.st_mtime_ns, key, st.st_size))
+        for _, key, size in sorted(found, key=lambda e: e[0]):
+            self._index[key] = size
+            self._policy.insert(key, size)
+            self._used += size
+        evicted = 0
+        while self._used > self._budget and (victim := self._policy.victim()) is not None:
+            self._policy.remove(victim)
+            self._used -= self._index.pop(victim)
+            unlink_quiet(self.path_of(victim))
+            evicted += 1
+        self.stats.add(corrupt=corrupt, evictions=evicted)
+        if corrupt:
+            log.warning("ssd tier %s: removed %d corrupt or partial files at start", self.root, corrupt)
+        log.info("ssd tier %s: %d blobs, %d bytes indexed", self.root, len(self._index), self._used)
+
+    # -- reads ----------------------------------------------------------------------------------------
+    def _forget(self, key: ChunkKey) -> None:
+        """Drop ``key`` from the index after its file was found missing (unless a put restored it)."""
+        with self._lock:
+            if os.path.exists(self.path_of(key)):
+                return
+            size = self._index.pop(key, None)
+            if size is not None:
+                self._used -= size
+                self._policy.remove(key)
+
+    def _discard_corrupt(self, key: ChunkKey, path: str, ino: int, exc: Exception) -> None:
+        with self._lock:
+            try:
+                if os.stat(path).st_ino == ino:  # not replaced by a concurrent put meanwhile
+                    os.unlink(path)
+                    size = self._index.pop(key, None)
+                    if size is not None:
+                        self._used -= size
+                        self._policy.remove(key)
+            except OSError:
+                pass
+        self.stats.add(corrupt=1)
+        log.warning("ssd tier: removed corrupt blob %s (%s)", key.hex, type(exc).__name__)
+
+    def _load(self, key: ChunkKey) -> tuple[KVChunk | None, int]:
+        with self._lock:
+            if key not in self._index:
+                return None, 0
+            self._policy.touch(key)
+        path = self.path_of(key)
+        try:
+            buf, ino = read_file(path)
+        except FileNotFoundError:
+            self._forget(key)
+            return None, 0
+        except (OSError, EOFError) as exc:
+            self.stats.add(errors=1)
+            raise TierError(f"ssd read failed: {exc}") from exc
+        try:
+            return decode_buffer(buf), buf.numel()
+        except CodecError as exc:
+            self._discard_corrupt(key, path, ino, exc)
+            return None, 0
+
+    def get(self, key: ChunkKey) -> KVChunk | None:
+        return self.get_many([key])[0]
+
+    def _load_or_error(self, key: ChunkKey) -> tuple[KVChunk | None, int, TierError | None]:
+        try:
+            return (*self._load(key), None)
+        except TierError as exc:
+            return None, 0, exc
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
+        """Files are read in parallel (``io_threads``); a key whose read fails is a miss, unless all fail."""
+        start = time.perf_counter()
+        loaded = (
+            list(self._pool.map(self._load_or_error, keys))
+            if len(keys) > 1
+            else [self._load_or_error(k) for k in keys]
+        )
+        failed = [exc for _, _, exc in loaded if exc is not None]
+        if failed and len(failed) == len(keys):
+            raise failed[0]
+        if failed:
+            log.warning(
+                "ssd tier: %d of %d reads failed, treated as misses: %s", len(failed), len(keys), failed[0]
+            )
+        out = [chunk for chunk, _, _ in loaded]
+        hits = sum(c is not None for c in out)
+        nbytes = sum(n for _, n, _ in loaded)
+        self.stats.record_get(hits, len(out) - hits, nbytes, time.perf_counter() - start)
+        return out
+
+    def get_blob(self, key: ChunkKey) -> bytes | None:
+        if not self.contains(key):
+            return None
+        path = self.path_of(key)
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+                ino = os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            self._forget(key)
+            return None
+        except OSError as exc:
+            self.stats.add(errors=1)
+            raise TierError(f"ssd read failed: {exc}") from exc
+        try:
+            verify(blob)
+        except CodecError as exc:
+            self._discard_corrupt(key, path, ino, exc)
+            return None
+        self.stats.record_get(1, 0, len(blob), 0.0)
+        return blob
+
+    # -- writes ---------------------------------------------------------------------------------------
+    def _write_temp(self, path: str, pieces: Sequence[memoryview | bytes]) -> str:
+        directory = os.path.dirname(path)
+        if directory not in self._dirs:
+            os.makedirs(directory, exist_ok=True)
+            self._dirs.add(directory)
+        tmp = self._aside(path)
+        write_new_file(tmp, pieces, fsync=self.fsync == "always")
+        return tmp
+
+    def put(self, key: ChunkKey, chunk: KVChunk, *, owned: bool = False) -> list[Evicted]:
+        start = time.perf_counter()
+        enc = encode_parts(chunk)
+        size = enc.nbytes
+        if size > self._budget:
+            self.stats.add(evictions=1)
+            return [(key, chunk)]
+        path = self.path_of(key)
+        try:
+            tmp = self._write_temp(path, (enc.head, enc.payload))
+        except OSError as exc:
+            self.stats.add(errors=1)
+            reason = errno.errorcode.get(exc.errno or 0, str(exc))
+            raise TierError(f"ssd write failed ({reason}): {exc.strerror}") from exc
+        aside: list[tuple[ChunkKey, str]] = []
+        with self._lock:
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                unlink_quiet(tmp)
+                self.stats.add(errors=1)
+                raise TierError(f"ssd rename failed: {exc.strerror}") from exc
+            old = self._index.pop(key, None)
+            if old is not None:
+                self._used -= old
+                self._policy.remove(key)
+            while self._used + size > self._budget and (victim := self._policy.victim()) is not None:
+                self._policy.remove(victim)
+                self._used -= self._index.pop(victim)
+                vpath, vaside = self.path_of(victim), self._aside(self.path_of(victim))
+                try:
+                    os.replace(vpath, vaside)
+                    aside.append((victim, vaside))
+                except OSError:
+                    pass
+            self._index[key] = size
+            self._used += size
+            self._policy.insert(key, size)
+        if self.fsync == "always":
+            try:
+                fsync_dir(os.path.dirname(path))
+            except OSError as exc:  # the data is written; only its durability is in doubt
+                log.warning("ssd tier: directory fsync failed: %s", exc.strerror)
+        evicted = self._drain(aside)
+        self.stats.add(evictions=len(aside))
+        self.stats.record_put(1, size, time.perf_counter() - start)
+        return evicted
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, KVChunk]], *, owned: bool = False) -> list[Evicted]:
+        """Files are written in parallel (``io_threads``); the last item wins for a repeated key."""
+        latest = dict(items)
+        if len(latest) <= 1:
+            return super().put_many(list(latest.items()), owned=owned)
+        futures = [self._pool.submit(self.put, k, c) for k, c in latest.items()]
+        evicted: list[Evicted] = []
+        error: TierError | None = None
+        for f in futures:
+            try:
+                evicted += f.result()
+            except TierError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return evicted
+
+    def _drain(self, aside: list[tuple[ChunkKey, str]]) -> list[Evicted]:
+        """Load (when collecting) and delete files moved aside by eviction."""
+        evicted: list[Evicted] = []
+        for key, path in aside:
+            if self.collect_evicted:
+                with contextlib.suppress(OSError, EOFError, CodecError):
+                    evicted.append((key, decode_buffer(read_file(path)[0])))
+            unlink_quiet(path)
+        return evicted
+
+    # -- the rest -------------------------------------------------------------------------------------
+    def contains(self, key: ChunkKey) -> bool:
+        with self._lock:
+            return key in self._index
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [k in self._index for k in keys]
+
+    def delete(self, key: ChunkKey) -> bool:
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is not None:
+                self._used -= size
+                self._policy.remove(key)
+            try:
+                os.unlink(self.path_of(key))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.stats.add(errors=1)
+                raise TierError(f"ssd delete failed: {exc.strerror}") from exc
+        return size is not None
+
+    def keys(self) -> list[ChunkKey]:
+        with self._lock:
+            return list(self._index)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+import torch
+import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvstore import (
+    ChecksumError,
+    CodecError,
+    FingerprintMismatchError,
+    KVChunk,
+    MalformedBlobError,
+    TruncatedBlobError,
+    UnsupportedVersionError,
+    decode,
+    encode,
+    peek_header,
+    verify,
+)
+from kvstore.codec import ALIGN, PREFIX_SIZE, decode_buffer, encode_parts
+from tests.kvstore.conftest import FP, assert_same, make_chunk
+
+
+def test_round_trip(dtype: torch.dtype) -> None:
+    chunk = make_chunk(33, dtype, seed=1, start=1000)
+    blob = encode(chunk)
+    assert isinstance(blob, bytes)
+    assert_same(decode(blob, FP), chunk)
+    assert_same(decode(bytearray(blob)), chunk)
+    assert_same(decode(memoryview(blob)), chunk)
+    buf = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    assert_same(decode_buffer(buf), chunk)
+
+
+def test_bf16_bit_exact() -> None:
+    kv = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 1e-40, 3.0]).to(torch.bfloat16)
+    chunk = KVChunk(kv.view(1, 2, 1, 3, 1), torch.tensor([7, 8, 9]), FP)
+    out = decode(encode(chunk))
+    assert torch.equal(out.kv.view(torch.int16), chunk.kv.view(torch.int16))
+
+
+def test_header_and_layout() -> None:
+    chunk = make_chunk(5, torch.float16, start=-3)
+    blob = encode(chunk)
+    hdr = peek_header(blob[: ALIGN * 4])
+    assert (hdr.num_layers, hdr.num_kv_heads, hdr.num_tokens, hdr.head_dim) == (2, 2, 5, 8)
+    assert hdr.dtype == "float16" and hdr.fingerprint == FP and hdr.version == 1
+    assert hdr.payload_offset % ALIGN == 0 and hdr.total_nbytes == len(blob)
+    assert torch.equal(hdr.positions(), torch.arange(-3, 2))
+    assert verify(blob) == hdr
+
+
+def test_large_positions_and_empty_chunk() -> None:
+    chunk = KVChunk(torch.zeros(1, 2, 1, 2, 4), torch.tensor([2**40, -(2**35)]), FP)
+    assert_same(decode(encode(chunk)), chunk)
+    empty = KVChunk(torch.zeros(1, 2, 1, 0, 4), torch.zeros(0, dtype=torch.int64), FP)
+    assert decode(encode(empty)).num_tokens == 0
+
+
+def test_decode_zero_copy_and_copy() -> None:
+    chunk = make_chunk(8)
+    buf = bytearray(encode(chunk))
+    aliased, copied = decode(buf), decode(buf, copy=True)
+    buf[-1] ^= 0xFF
+    assert not torch.equal(aliased.kv, chunk.kv)  # aliases the writable buffer
+    assert_same(copied, chunk)
+    frozen = decode(bytes(encode(chunk)))
+    frozen.kv.add_(1)  # bytes are copied: safe to modify
+    assert frozen.kv.is_contiguous()
+
+
+def test_encode_does_not_modify_noncontiguous_input() -> None:
+    base = torch.randn(2, 2, 2, 8, 6)
+    kv = base[..., :4]
+    chunk = KVChunk(kv, torch.arange(8), FP)
+    assert torch.equal(decode(encode(chunk)).kv, kv)
+    parts = encode_parts(chunk)
+    assert parts.nbytes == len(parts.to_bytes())
+
+
+def test_errors_are_specific() -> None:
+    blob = bytearray(encode(make_chunk(8)))
+    hdr = peek_header(blob)
+    with pytest.raises(FingerprintMismatchError):
+        decode(bytes(blob), expected_fingerprint="other-model")
+    bad = bytearray(blob)
+    bad[-1] ^= 1
+    with pytest.raises(ChecksumError):
+        decode(bytes(bad))
+    bad = bytearray(blob)
+    bad[PREFIX_SIZE + 3] ^= 1
+    with pytest.raises(ChecksumError):
+        decode(bytes(bad))
+    with pytest.raises(TruncatedBlobError):
+        decode(bytes(blob[:-1]))
+    with pytest.raises(TruncatedBlobError):
+        decode(bytes(blob[:10]))
+    with pytest.raises(MalformedBlobError):
+        decode(bytes(blob) + b"\0")
+    bad = bytearray(blob)
+    struct.pack_into("<H", bad, 4, 99)
+    with pytest.raises(UnsupportedVersionError):
+        decode(bytes(bad))
+    for garbage in (b"", b"hello world", b"\0" * 200, b"KVFB" + b"\xff" * 100):
+        with pytest.raises(CodecError):
+            decode(garbage)
+    assert hdr.payload_nbytes == 2 * 2 * 2 * 8 * 8 * 4
+
+
+def _forge(header: dict[str, object], payload: bytes = b"") -> bytes:
+    """A blob with a valid header checksum but arbitrary header content."""
+    raw = msgpack.packb(header, use_bin_type=True)
+    fixed = struct.pack("<4sHHI", b"KVFB", 1, 0, len(raw))
+    h = xxhash.xxh3_64(fixed)
+    h.update(raw)
+    head = fixed + struct.pack("<Q", h.intdigest()) + raw
+    pad = -len(head) % ALIGN
+    return head + b"\0" * pad + payload
+
+
+def test_inconsistent_headers_rejected() -> None:
+    good = {"fp": FP, "dt": "float32", "L": 1, "H": 1, "T": 1, "D": 1, "pos": b"\0" * 4, "n": 8, "xxh": 0}
+    payload = b"\0" * 8
+    good["xxh"] = xxhash.xxh3_64_intdigest(payload)
+    assert decode(_forge(good, payload)).num_tokens == 1
+    bad_fields = [("dt", "int8"), ("L", 0), ("T", -1), ("n", 16), ("pos", b"\0" * 8), ("pos", "x")]
+    for field, value in [*bad_fields, ("fp", 5), ("D", 1.5)]:
+        with pytest.raises(MalformedBlobError):
+            decode(_forge({**good, field: value}, payload))
+    with pytest.raises(MalformedBlobError):
+        decode(_forge([1, 2, 3], payload))  # type: ignore[arg-type]
+
+
+_BLOBS = [encode(make_chunk(3, dt, seed=i, layers=1, heads=1, head_dim=4)) for i, dt in enumerate(
+    [torch.float32, torch.float16, torch.bfloat16])]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(which=st.integers(0, len(_BLOBS) - 1), pos=st.integers(0, 10**6), delta=st.integers(1, 255))
+def test_any_single_byte_mutation_rejected(which: int, pos: int, delta: int) -> None:
+    blob = bytearray(_BLOBS[which])
+    i = pos % len(blob)
+    blob[i] = (blob[i] + delta) % 256
+    with pytest.raises(CodecError):
+        decode(bytes(blob))
+
+
+@settings(max_examples=200, deadline=None)
+@given(which=st.integers(0, len(_BLOBS) - 1), cut=st.integers(0, 10**6))
+def test_any_truncation_rejected(which: int, cut: int) -> None:
+    blob = _BLOBS[which]
+    with pytest.raises(CodecError):
+        decode(blob[: cut % len(blob)])
+
+
+def test_every_byte_flip_rejected_exhaustively() -> None:
+    blob = _BLOBS[2]
+    for i in range(len(blob)):
+        for mask in (0x01, 0x80, 0xFF):
+            bad = bytearray(blob)
+            bad[i] ^= mask
+            with pytest.raises(CodecError):
+                decode(bytes(bad))
