@@ -29,6 +29,8 @@ class BlendConfig:
     ``recompute_ratio``. ``deviation``: compare V (default) or K. ``attention_weight``: blend the
     deviation score with the attention that the prompt's last fresh tokens pay each token (0 = pure
     deviation). ``sink_tokens``: always recompute the first n tokens of every cached segment.
+    With no check layers (ratio 0) cached tokens never run: only fresh and sink tokens are computed,
+    attending over the cached KV as given (anchor-corrected reuse).
     """
 
     recompute_ratio: float = 0.15
@@ -41,8 +43,10 @@ class BlendConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ValueError("recompute_ratio must be within [0, 1]")
-        if not self.check_layers or list(self.check_layers) != sorted(set(self.check_layers)):
-            raise ValueError("check_layers must be a non-empty increasing tuple")
+        if list(self.check_layers) != sorted(set(self.check_layers)):
+            raise ValueError("check_layers must be an increasing tuple")
+        if not self.check_layers and self.recompute_ratio > 0.0:
+            raise ValueError("selective recompute needs at least one check layer")
         if self.sink_tokens < 0:
             raise ValueError("sink_tokens must be >= 0")
 
@@ -139,9 +143,12 @@ def blend(adapter: ModelAdapter, segments: list[SegmentInput], config: BlendConf
     reuse = layout.reuse.clone()
     reuse[-1] = _FRESH if reuse[-1] != _FRESH else reuse[-1]  # the last token must produce logits
     device = adapter.device
-    active = torch.nonzero(reuse != _EXACT).flatten().to(device)
     is_cached = (reuse == _CACHED).to(device)
     forced = ((reuse == _FRESH) | layout.sinks).to(device)
+    runs = reuse != _EXACT
+    if not config.check_layers:  # no selection: only fresh (and sink) tokens are computed
+        runs &= (reuse == _FRESH) | layout.sinks
+    active = torch.nonzero(runs).flatten().to(device)
     num_cached = int(is_cached.sum())
     t1 = time.perf_counter()
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from blending.adapter import ModelAdapter, UnsupportedModelError
+from blending.anchor_flow import anchor_prefill
+from blending.anchors import AnchorConfig, AnchorPool
 from blending.cacheblend import BlendConfig, blend
 from blending.decode import SamplingParams, generate_tokens, teacher_forced_logits
 from blending.fused import BlendStats, FusedKV
@@ -37,6 +39,8 @@ class EngineConfig:
     min_chunk_tokens: int = 8
     max_prompt_tokens: int = 8192
     writeback: bool = True
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    hybrid_ratio: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class Engine:
         except UnsupportedModelError as exc:  # serve dense through HF only
             self.adapter, self.unsupported_reason = None, str(exc)
         self.layout = self._layout()
+        self.anchor_pool = AnchorPool(self.adapter.inv_freq, self.config.anchors) if self.adapter else None
 
     def _layout(self) -> str:
         cfg = self.model.config.get_text_config(decoder=True)
@@ -110,12 +115,13 @@ class Engine:
     def tokenize(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
 
-    def plan(self, segments: Sequence[PromptSegment], namespace: str) -> Plan:
+    def plan(self, segments: Sequence[PromptSegment], namespace: str, shared_prefix: bool | None = None) -> Plan:
+        """Tokenize and key the segments (anchor modes key chunks standalone: their base KV)."""
         tokens = [(s.kind, self.tokenize(s.text)) for s in segments]
         return make_plan(
             tokens,
             self.spaces(namespace),
-            shared_prefix=self.config.shared_prefix,
+            shared_prefix=self.config.shared_prefix if shared_prefix is None else shared_prefix,
             min_chunk_tokens=self.config.min_chunk_tokens,
         )
 
@@ -146,7 +152,8 @@ class Engine:
         if request.mode not in MODES:
             raise ValueError(f"unknown mode {request.mode!r}; choose one of {', '.join(MODES)}")
         start = time.perf_counter()
-        plan = self.plan(request.segments, request.namespace)
+        anchored = request.mode in ("anchor", "hybrid")
+        plan = self.plan(request.segments, request.namespace, shared_prefix=False if anchored else None)
         if plan.num_tokens == 0:
             raise ValueError("the prompt is empty")
         if plan.num_tokens > self.config.max_prompt_tokens:
@@ -157,14 +164,20 @@ class Engine:
         if mode != "dense":
             self._lookup(plan)
         t_lookup = time.perf_counter()
-        if mode != "dense" and plan.hits == 0:
+        if mode in ("blend", "naive") and plan.hits == 0:
             mode, reason = "dense", "no cached KV for any segment"
         limit = self.adapter.max_reuse_positions if self.adapter is not None else None
         if mode != "dense" and limit is not None and plan.num_tokens > limit:
             mode, reason = "dense", "dynamic rope: positions beyond the trained length"
+        computed: list[tuple[ChunkKey, KVChunk]] = []
         with self.model_lock:
-            fused, mode, reason = self._compute(plan, mode, reason, request.recompute_ratio)
+            if mode in ("anchor", "hybrid"):
+                fused, mode, reason, computed = self._anchor(plan, mode, request.recompute_ratio)
+            else:
+                fused, mode, reason = self._compute(plan, mode, reason, request.recompute_ratio)
         end = time.perf_counter()
+        if computed and self.config.writeback:
+            self.store.put_many(computed)
         if reason:
             log.info("dense fallback: %s", reason)
         keyed = [s for s in plan.segments if s.key is not None]
@@ -184,9 +197,19 @@ class Engine:
             return "dense", f"model not supported for reuse: {self.unsupported_reason}"
         if requested == "auto":
             return "blend", None
-        if requested in ("anchor", "hybrid"):
-            return "blend", f"mode {requested!r} needs the anchor pool, which this engine has not enabled"
         return requested, None
+
+    def _anchor(
+        self, plan: Plan, mode: str, ratio: float | None
+    ) -> tuple[FusedKV, str, str | None, list[tuple[ChunkKey, KVChunk]]]:
+        assert self.adapter is not None and self.anchor_pool is not None
+        hybrid = None
+        if mode == "hybrid":
+            hybrid = replace(self.config.blend, recompute_ratio=self.config.hybrid_ratio if ratio is None else ratio)
+        fused, reason, computed = anchor_prefill(
+            self.adapter, self.anchor_pool, plan, hybrid, self._dense, self.fingerprint
+        )
+        return fused, "dense" if reason else mode, reason, computed
 
     def _compute(
         self, plan: Plan, mode: str, reason: str | None, ratio: float | None
@@ -236,7 +259,7 @@ class Engine:
             head = plan.segments[0]
             if head in missing and head.key is not None:
                 items.append((head.key, prefix))
-        shared = prefix if self.config.shared_prefix else None
+        shared = prefix if plan.shared_prefix else None
         for seg in missing:
             if seg.kind != "chunk" or seg.key is None:
                 continue

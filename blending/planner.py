@@ -71,6 +71,7 @@ class PlannedSegment:
 class Plan:
     segments: list[PlannedSegment]
     prefix_ids: torch.Tensor | None
+    shared_prefix: bool = False  # chunks are keyed (and must be computed) after the prefix
     lookup_errors: list[str] = field(default_factory=list)
 
     @property
@@ -125,4 +126,4 @@ def make_plan(
             seg.fallback_key = spaces.chunk_key(seg.token_ids, None)
         else:
             seg.key = spaces.chunk_key(seg.token_ids, None)
-    return Plan(planned, prefix_ids)
+    return Plan(planned, prefix_ids, shared_prefix and prefix_ids is not None)

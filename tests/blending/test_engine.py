@@ -103,3 +103,17 @@ def test_warm_then_hit_and_limits(smollm2: LoadedModel, tmp_path: Path) -> None:
     with pytest.raises(PromptTooLongError):
         engine.prefill(PrefillRequest((PromptSegment("word " * 400),)))
     store.close()
+
+
+def test_anchor_mode_learns_then_reuses(engine: Engine) -> None:
+    first = engine.prefill(request((0, 1), mode="anchor"))
+    assert first.mode == "dense" and first.fallback_reason == "anchor: no anchor for this context and length"
+    assert engine.anchor_pool is not None and len(engine.anchor_pool) == 2
+    second = engine.prefill(request((0, 1), mode="anchor"))
+    assert second.mode == "anchor" and second.fallback_reason is None
+    s = second.fused.stats
+    assert s.recomputed_tokens == 0 and s.reused_tokens > 0  # no forward pass for the reused tokens
+    # An anchor identical to the occurrence reproduces the real KV, so the logits match dense.
+    torch.testing.assert_close(second.fused.last_logits, first.fused.last_logits, atol=2e-3, rtol=1e-3)
+    hybrid = engine.prefill(request((0, 1), mode="hybrid"))
+    assert hybrid.mode == "hybrid" and hybrid.fused.stats.recomputed_tokens > 0

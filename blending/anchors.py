@@ -1,0 +1,165 @@
+"""KVCOMM-style anchor pool: estimate how a shared segment's KV shifts under a receiving context.
+
+An anchor records, for a segment seen under a real context (an agent's prefix and slot), the segment's
+base KV and its observed deviation (real minus base). Both are kept in the position-free frame (keys
+de-rotated to position 0), so an anchor helps at other offsets too. A new occurrence is corrected by a
+similarity-weighted mix of the context's anchor deviations (per layer, keys and values separately);
+when no anchor is close enough or the weights are too flat, the caller falls back to a dense prefill
+and records a new anchor.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from blending.rope import rerotate
+from kvstore.chunk import KVChunk
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """``temperature``: softmax temperature over relative distances; ``max_entropy``: normalized entropy of
+    the weights above which they count as too flat; ``max_distance``: relative distance of the closest
+    anchor above which none counts as close."""
+
+    max_per_context: int = 20
+    max_bytes: int = 1 << 30
+    temperature: float = 0.05
+    max_entropy: float = 0.9
+    max_distance: float = 0.35
+
+
+@dataclass(eq=False)  # identity semantics: anchors hold tensors
+class Anchor:
+    base: torch.Tensor  # [L, 2, H, T, D], keys at position 0
+    deviation: torch.Tensor  # same layout: real minus base, keys at position 0
+    uses: int = 0
+    added: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.base.shape[3])
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.base.numel() * self.base.element_size()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    chunk: KVChunk | None  # corrected KV at the new positions, or None with a reason
+    reason: str | None
+    anchors: int
+    entropy: float
+    distance: float
+
+
+def _frame0(kv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    out = kv.clone()
+    out[:, 0] = rerotate(kv[:, 0], positions, torch.zeros_like(positions), inv_freq)
+    return out
+
+
+class AnchorPool:
+    """Bounded (entries per context, bytes overall), updated online, safe under concurrent requests."""
+
+    def __init__(self, inv_freq: torch.Tensor, config: AnchorConfig | None = None) -> None:
+        self.config = config or AnchorConfig()
+        self.inv_freq = inv_freq
+        self._anchors: dict[str, list[Anchor]] = {}
+        self._lock = threading.Lock()
+        self.used_bytes = 0
+        self.counters = {"estimates": 0, "fallbacks": 0, "added": 0, "evicted": 0}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._anchors.values())
+
+    def contexts(self) -> dict[str, int]:
+        with self._lock:
+            return {c: len(v) for c, v in self._anchors.items()}
+
+    def add(self, context: str, base: KVChunk, real_kv: torch.Tensor, real_positions: torch.Tensor) -> None:
+        """Record the deviation of ``base`` observed as ``real_kv`` (at ``real_positions``) in ``context``."""
+        if real_kv.shape != base.kv.shape:
+            raise ValueError(f"real KV {tuple(real_kv.shape)} does not match base {tuple(base.kv.shape)}")
+        base0 = _frame0(base.kv.float(), base.positions, self.inv_freq)
+        real0 = _frame0(real_kv.float(), real_positions, self.inv_freq)
+        dtype = base.kv.dtype
+        anchor = Anchor(base0.to(dtype), (real0 - base0).to(dtype))
+        with self._lock:
+            entries = self._anchors.setdefault(context, [])
+            entries.append(anchor)
+            self.used_bytes += anchor.nbytes
+            self.counters["added"] += 1
+            while len(entries) > self.config.max_per_context:
+                self._evict_from(context, protect=anchor)
+            while self.used_bytes > self.config.max_bytes and self._evict_global(protect=anchor):
+                pass
+
+    def _evict_from(self, context: str, protect: Anchor) -> bool:
+        entries = [a for a in self._anchors.get(context, []) if a is not protect]
+        if not entries:
+            return False
+        victim = min(entries, key=lambda a: (a.uses, a.added))
+        self._anchors[context].remove(victim)
+        self.used_bytes -= victim.nbytes
+        self.counters["evicted"] += 1
+        return True
+
+    def _evict_global(self, protect: Anchor) -> bool:
+        candidates = [(a.uses, a.added, c) for c, v in self._anchors.items() for a in v if a is not protect]
+        if not candidates:
+            return False
+        return self._evict_from(min(candidates)[2], protect)
+
+    def estimate(self, context: str, base: KVChunk, new_positions: torch.Tensor) -> Estimate:
+        """Corrected KV of ``base`` placed at ``new_positions`` in ``context``, or a reason to fall back."""
+        n = base.num_tokens
+        with self._lock:
+            anchors = [a for a in self._anchors.get(context, []) if a.num_tokens >= n]
+        if not anchors:
+            return self._miss("no anchor for this context and length", 0, 0.0, math.inf)
+        base0 = _frame0(base.kv.float(), base.positions, self.inv_freq)  # [L, 2, H, T, D]
+        bases = torch.stack([a.base[:, :, :, :n].float() for a in anchors])  # [A, L, 2, H, T, D]
+        dist = (bases - base0[None]).pow(2).sum(dim=(3, 4, 5)).sqrt()  # [A, L, 2]
+        rel = dist / base0.pow(2).sum(dim=(2, 3, 4)).sqrt().clamp_min(1e-6)[None]
+        closest = float(rel.min(dim=0).values.mean())
+        weights = torch.softmax(-rel / self.config.temperature, dim=0)  # per layer, K and V separately
+        entropy = 0.0
+        if len(anchors) > 1:
+            ent = -(weights * weights.clamp_min(1e-12).log()).sum(dim=0) / math.log(len(anchors))
+            entropy = float(ent.mean())
+        if closest > self.config.max_distance:
+            return self._miss("no anchor close enough", len(anchors), entropy, closest)
+        if entropy > self.config.max_entropy:
+            return self._miss("anchor weights too flat", len(anchors), entropy, closest)
+        devs = torch.stack([a.deviation[:, :, :, :n].float() for a in anchors])
+        corrected = base0 + (weights[:, :, :, None, None, None] * devs).sum(dim=0)
+        corrected[:, 0] = rerotate(corrected[:, 0], torch.zeros_like(new_positions), new_positions, self.inv_freq)
+        top = int(weights.mean(dim=(1, 2)).argmax())
+        with self._lock:
+            anchors[top].uses += 1
+            self.counters["estimates"] += 1
+        chunk = KVChunk(corrected.to(base.kv.dtype), new_positions.clone(), base.fingerprint)
+        return Estimate(chunk, None, len(anchors), entropy, closest)
+
+    def _miss(self, reason: str, count: int, entropy: float, distance: float) -> Estimate:
+        with self._lock:
+            self.counters["fallbacks"] += 1
+        return Estimate(None, reason, count, entropy, distance)
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "anchors": sum(len(v) for v in self._anchors.values()),
+                "contexts": len(self._anchors),
+                "used_bytes": self.used_bytes,
+                "budget_bytes": self.config.max_bytes,
+                **self.counters,
+            }

@@ -1,0 +1,115 @@
+"""The anchor pool: exact offset estimation, fallbacks, bounds and concurrency."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from blending.adapter import ModelAdapter
+from blending.anchors import AnchorConfig, AnchorPool
+from blending.precompute import chunk_kv
+from kvstore.chunk import KVChunk
+from tests.blending.conftest import tiny_model
+
+
+def _setup(seed: int = 0) -> tuple[ModelAdapter, torch.Tensor, torch.Tensor]:
+    adapter = ModelAdapter(tiny_model("llama"))
+    g = torch.Generator().manual_seed(seed)
+    return adapter, torch.randint(0, 256, (9,), generator=g), torch.randint(0, 256, (14,), generator=g)
+
+
+def _real(adapter: ModelAdapter, prefix: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    kv, _ = adapter.prefill(torch.cat([prefix, segment]))
+    return kv[:, :, :, len(prefix) :]
+
+
+def test_identical_anchor_reproduces_real_kv() -> None:
+    adapter, prefix, segment = _setup()
+    base = chunk_kv(adapter, "fp", segment)
+    real = _real(adapter, prefix, segment)
+    positions = torch.arange(len(prefix), len(prefix) + len(segment))
+    pool = AnchorPool(adapter.inv_freq)
+    pool.add("agent-a:0", base, real, positions)
+    est = pool.estimate("agent-a:0", base, positions)
+    assert est.chunk is not None and est.reason is None and est.distance == 0.0
+    torch.testing.assert_close(est.chunk.kv, real, atol=1e-4, rtol=1e-4)
+    # Position-free: the same anchor corrects the segment at another offset (keys re-rotated there).
+    moved = torch.arange(40, 40 + len(segment))
+    est2 = pool.estimate("agent-a:0", base, moved)
+    assert est2.chunk is not None
+    torch.testing.assert_close(est2.chunk.kv[:, 1], real[:, 1], atol=1e-4, rtol=1e-4)
+    from blending.rope import rerotate
+
+    torch.testing.assert_close(
+        est2.chunk.kv[:, 0], rerotate(real[:, 0], positions, moved, adapter.inv_freq), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_fallbacks_for_unknown_context_unrelated_segment_and_flat_weights() -> None:
+    adapter, prefix, segment = _setup()
+    positions = torch.arange(len(prefix), len(prefix) + len(segment))
+    pool = AnchorPool(adapter.inv_freq, AnchorConfig(max_distance=0.35))
+    pool.add("a:0", chunk_kv(adapter, "fp", segment), _real(adapter, prefix, segment), positions)
+    base = chunk_kv(adapter, "fp", segment)
+    assert pool.estimate("b:0", base, positions).reason == "no anchor for this context and length"
+    longer = chunk_kv(adapter, "fp", torch.randint(0, 256, (30,)))
+    assert pool.estimate("a:0", longer, torch.arange(30)).reason == "no anchor for this context and length"
+    unrelated = chunk_kv(adapter, "fp", torch.randint(0, 256, (14,), generator=torch.Generator().manual_seed(5)))
+    assert pool.estimate("a:0", unrelated, positions).reason == "no anchor close enough"
+    # Several unrelated anchors and a high temperature: weights are flat, the entropy test refuses.
+    flat = AnchorPool(adapter.inv_freq, AnchorConfig(max_distance=float("inf"), temperature=10.0))
+    for s in range(4):
+        seg = torch.randint(0, 256, (14,), generator=torch.Generator().manual_seed(100 + s))
+        flat.add("a:0", chunk_kv(adapter, "fp", seg), _real(adapter, prefix, seg), positions)
+    est = flat.estimate("a:0", unrelated, positions)
+    assert est.chunk is None and est.reason == "anchor weights too flat" and est.entropy > 0.9
+    assert flat.stats()["fallbacks"] == 1
+
+
+def _fake_anchor(n: int = 4) -> tuple[KVChunk, torch.Tensor, torch.Tensor]:
+    kv = torch.randn(2, 2, 1, n, 8)
+    return KVChunk(kv, torch.arange(n), "fp"), kv + 0.1, torch.arange(n)
+
+
+def test_pool_bounds_and_least_used_eviction() -> None:
+    inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    pool = AnchorPool(inv, AnchorConfig(max_per_context=3, max_distance=float("inf")))
+    first = _fake_anchor()
+    pool.add("c", *first)
+    assert pool.estimate("c", first[0], first[2]).chunk is not None  # used once: protected from eviction
+    for _ in range(5):
+        pool.add("c", *_fake_anchor())
+    assert pool.contexts() == {"c": 3}
+    assert pool.estimate("c", first[0], first[2]).distance == 0.0  # the used anchor survived
+    one = _fake_anchor()[0].kv.numel() * 4 * 2
+    capped = AnchorPool(inv, AnchorConfig(max_bytes=5 * one))
+    for i in range(12):
+        capped.add(f"ctx{i % 4}", *_fake_anchor())
+        assert capped.used_bytes <= 5 * one
+    assert len(capped) == 5 and capped.stats()["evicted"] == 7
+
+
+def test_concurrent_updates_keep_pool_consistent() -> None:
+    inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    pool = AnchorPool(inv, AnchorConfig(max_per_context=4, max_bytes=40 * 2 * 2 * 2 * 4 * 8 * 4))
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(30):
+                chunk, real, pos = _fake_anchor()
+                pool.add(f"ctx{(t + i) % 3}", chunk, real, pos)
+                pool.estimate(f"ctx{i % 3}", chunk, pos)
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(n <= 4 for n in pool.contexts().values())
+    assert pool.used_bytes == len(pool) * _fake_anchor()[0].kv.numel() * 4 * 2
+    assert pool.used_bytes <= pool.config.max_bytes
