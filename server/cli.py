@@ -1,0 +1,270 @@
+"""The ``kvfuse`` command line: serve, bench, warm, stats."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from server.config import Settings, load_settings
+
+app = typer.Typer(
+    help="kvfuse: KV-reuse cache service for RAG and multi-agent LLM applications.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Benchmarks (each takes its own options; try `kvfuse bench store --help`).")
+app.add_typer(bench_app, name="bench")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file (or $KVFUSE_CONFIG)")]
+UrlOpt = Annotated[str | None, typer.Option(help="URL of a running service, e.g. http://127.0.0.1:8000")]
+KeyOpt = Annotated[str | None, typer.Option(envvar="KVFUSE_API_KEY", help="API key for --url")]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.secho(f"error: bad settings: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="bind address [127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [8000]")] = None,
+    model: Annotated[str | None, typer.Option(help="smollm2-135m-instruct, a HF dir, or a GGUF dir")] = None,
+    gguf_file: Annotated[str | None, typer.Option(help="GGUF file name inside --model")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 | float16 | bfloat16")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="SSD tier and secret [~/.local/share/kvfuse]")] = None,
+    cpu_bytes: Annotated[str | None, typer.Option(help="CPU tier budget, e.g. 2GiB")] = None,
+    ssd_bytes: Annotated[str | None, typer.Option(help="SSD tier budget (0 disables it)")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="add a Redis tier, e.g. redis://127.0.0.1:6379")] = None,
+    redis_cluster: Annotated[bool | None, typer.Option(help="the Redis URL is a cluster")] = None,
+    mode: Annotated[str | None, typer.Option(help="default reuse mode [auto]")] = None,
+    recompute_ratio: Annotated[float | None, typer.Option(help="default recompute ratio")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
+) -> None:
+    """Run the service (OpenAI-compatible API + chunk API) with the embedded engine.
+
+    With no arguments: 127.0.0.1:8000, SmolLM2-135M-Instruct on the CPU, CPU + SSD store under the data
+    directory. Settings precedence: flags > KVFUSE_* environment > YAML file > defaults.
+    """
+    overrides = {k: v for k, v in locals().items() if k != "config"}
+    import uvicorn
+
+    from blending.model import ModelLoadError
+    from server.app import create_app
+    from server.runtime import build_engine, configure_logging
+
+    settings = _settings(config, **overrides)
+    configure_logging(settings.log_level)
+    try:
+        engine = build_engine(settings)
+    except ModelLoadError as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(1) from exc
+    typer.echo(f"kvfuse: serving {engine.loaded.name} on http://{settings.host}:{settings.port}", err=True)
+    try:
+        uvicorn.run(
+            create_app(engine, settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+        )
+    finally:
+        engine.store.close()
+
+
+def _bench(module: str, ctx: typer.Context) -> None:
+    try:
+        mod = importlib.import_module(f"workloads.{module}")
+    except ImportError as exc:
+        typer.secho(f"error: this benchmark is not available: {exc}", err=True, fg="red")
+        raise typer.Exit(1) from exc
+    raise typer.Exit(int(mod.main(list(ctx.args)) or 0))
+
+
+_PASS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@bench_app.command("store", context_settings=_PASS, add_help_option=False)
+def bench_store(ctx: typer.Context) -> None:
+    """Store tiers: put/get throughput and latency against the raw medium."""
+    _bench("bench_store", ctx)
+
+
+@bench_app.command("rag", context_settings=_PASS, add_help_option=False)
+def bench_rag(ctx: typer.Context) -> None:
+    """RAG workload: TTFT, reuse and fidelity per mode against dense prefill."""
+    _bench("bench_rag", ctx)
+
+
+@bench_app.command("agents", context_settings=_PASS, add_help_option=False)
+def bench_agents(ctx: typer.Context) -> None:
+    """Multi-agent workload: shared messages under per-agent prefixes."""
+    _bench("bench_agents", ctx)
+
+
+@bench_app.command("server", context_settings=_PASS, add_help_option=False)
+def bench_server(ctx: typer.Context) -> None:
+    """The HTTP service: blob GET/PUT throughput and chat TTFT p50/p99 at 1/8/32 clients, dense vs reuse."""
+    _bench("bench_server", ctx)
+
+
+def read_documents(files: list[Path], split: bool) -> list[tuple[str, str]]:
+    """(source, text) per document: each file one document, or one per blank-line-separated block."""
+    docs: list[tuple[str, str]] = []
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        blocks = [b.strip() for b in text.split("\n\n")] if split else [text.strip()]
+        docs += [(f"{path}#{i}" if split else str(path), b) for i, b in enumerate(blocks) if b]
+    return docs
+
+
+@app.command()
+def warm(
+    files: Annotated[list[Path], typer.Argument(help="text files", exists=True, dir_okay=False)],
+    split: Annotated[bool, typer.Option(help="one document per blank-line-separated block")] = False,
+    system: Annotated[str | None, typer.Option(help="system prompt the documents will follow")] = None,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    tenant: Annotated[str, typer.Option(help="tenant namespace (in-process only)")] = "default",
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON line per document")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Precompute and store the KV of documents, so later requests reuse it.
+
+    In-process (opens the configured store and model), or against a running service with --url.
+    """
+    from rich.progress import Progress
+
+    docs = read_documents(files, split)
+    if not docs:
+        typer.secho("error: no documents in the given files", err=True, fg="red")
+        raise typer.Exit(1)
+    target = _remote_warm(url, api_key, system) if url else _local_warm(_settings(config), tenant, system)
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    with target as put, Progress(transient=json_out) as progress:
+        bar = progress.add_task("warming", total=len(docs))
+        for source, text in docs:
+            key, tokens = put(text)
+            rows.append({"source": source, "key": key, "tokens": tokens})
+            progress.advance(bar)
+    for row in rows if json_out else []:
+        typer.echo(json.dumps(row))
+    total = sum(int(r["tokens"]) for r in rows)
+    typer.echo(f"warmed {len(rows)} documents ({total} tokens) in {time.perf_counter() - start:.1f} s", err=True)
+
+
+Warmer = Callable[[str], tuple[str, int]]
+
+
+@contextmanager
+def _local_warm(settings: Settings, tenant: str, system: str | None) -> Iterator[Warmer]:
+    from server.render import Renderer
+    from server.runtime import build_engine
+    from server.tenancy import KeyMapper, load_secret
+
+    engine = build_engine(settings)
+    keys = KeyMapper(load_secret(settings.key_secret, settings.data_dir))
+    prefix = Renderer(engine.tokenizer).chat_prefix(system) or None
+
+    def put(text: str) -> tuple[str, int]:
+        key = engine.warm([text], tenant, prefix)[0]
+        return keys.public(tenant, key), len(engine.tokenize(text))
+
+    try:
+        yield put
+    finally:
+        engine.store.close()
+
+
+@contextmanager
+def _remote_warm(url: str, api_key: str | None, system: str | None) -> Iterator[Warmer]:
+    import httpx
+
+    def put(text: str) -> tuple[str, int]:
+        r = client.post("/v1/chunks", json={"texts": [text], "prefix": system})
+        _raise_for(r)
+        body = r.json()
+        return body["keys"][0], body["tokens"][0]
+
+    with httpx.Client(base_url=url, headers=_auth(api_key), timeout=600) as client:
+        yield put
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _raise_for(response: Any) -> None:
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except Exception:
+            message = response.text[:200]
+        typer.secho(f"error: HTTP {response.status_code}: {message}", err=True, fg="red")
+        raise typer.Exit(1)
+
+
+@app.command()
+def stats(
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Show a running service's store tiers and reuse totals (default URL from the settings)."""
+    import httpx
+    from rich.console import Console
+    from rich.table import Table
+
+    if url is None:
+        s = _settings(config)
+        url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/v1/stats", headers=_auth(api_key or os.environ.get("KVFUSE_API_KEY")))
+    except httpx.HTTPError as exc:
+        typer.secho(f"error: cannot reach {url}: {exc}", err=True, fg="red")
+        raise typer.Exit(1) from exc
+    _raise_for(r)
+    data = r.json()
+    if json_out:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    table = Table(title=f"kvfuse store ({data['model']})")
+    cols = ("name", "available", "used_bytes", "budget_bytes", "hits", "misses", "evictions", "errors")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "name" else "right")
+    for tier in data["store"]["tiers"]:
+        table.add_row(*(str(tier[c]) for c in cols))
+    console.print(table)
+    reuse = Table(title="reuse totals")
+    reuse.add_column("metric")
+    reuse.add_column("value", justify="right")
+    for k, v in data["reuse"].items():
+        reuse.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    console.print(reuse)
+
+
+def main() -> None:
+    """Console-script entry point (``kvfuse``)."""
+    app(prog_name="kvfuse")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Running the engine for a request: prefill, decoding with stop strings, logprobs, accounting."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from blending.decode import SamplingParams, generate_tokens
+from blending.engine import PrefillRequest, PrefillResult, PromptTooLongError
+from blending.planner import PromptSegment
+from server.errors import APIError
+from server.schemas import KVFuseInfo, KVFuseOptions, PromptTokensDetails, TokenLogprob, TopLogprob, Usage
+from server.state import ServerState
+
+log = logging.getLogger("kvfuse.server")
+
+
+def token_logprob(tokenizer: Any, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """Log-probability of ``token`` and the ``top`` most likely tokens under ``logits``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+
+    def entry(i: int, cls: type[TopLogprob] = TopLogprob) -> Any:
+        text = tokenizer.decode([i])
+        return cls(token=text, logprob=float(logp[i]), bytes=list(text.encode()), id=i)
+
+    out: TokenLogprob = entry(token, TokenLogprob)
+    if top:
+        out.top_logprobs = [entry(int(i)) for i in torch.topk(logp, top).indices]
+    return out
+
+
+class TextAssembler:
+    """Incremental detokenization with stop strings: ``add`` returns the text that is safe to emit
+    (held back while it could still become a stop string or ends in a partial UTF-8 character)."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+            return self._emit(len(self.text))
+        safe = len(self.text)
+        if self.text.endswith("\ufffd"):
+            safe -= 1
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        return self._emit(safe)
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        out, self.emitted = self.text[self.emitted : upto], upto
+        return out
+
+
+def decode_steps(
+    state: ServerState, result: PrefillResult, params: SamplingParams
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``Engine.generate`` with the first token yielded without taking the model lock: it is sampled
+    from the prefill's logits (no forward pass), so a finished prefill answers at once even while
+    other requests' prefills queue on the lock. Later steps hold the lock one step at a time."""
+    engine = state.engine
+    steps = generate_tokens(engine.model, result.fused, params)
+    step = next(steps, None)
+    while step is not None:
+        yield step
+        with engine.model_lock:
+            step = next(steps, None)
+
+
+@dataclass
+class Generated:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    logprobs: list[TokenLogprob] | None = None
+
+
+def resolve_mode(state: ServerState, options: KVFuseOptions | None) -> tuple[str, float | None]:
+    """The request's mode and recompute ratio, else the service defaults."""
+    opts = options or KVFuseOptions()
+    ratio = opts.recompute_ratio if opts.recompute_ratio is not None else state.settings.recompute_ratio
+    return opts.mode or state.settings.mode, ratio
+
+
+def check_model(state: ServerState, model: str) -> None:
+    if model not in ("default", state.model_name):
+        raise APIError(
+            404,
+            f"model {model!r} is not served here; use {state.model_name!r} or 'default'",
+            "model",
+            "model_not_found",
+        )
+
+
+def _check_tokens(state: ServerState, segments: Sequence[PromptSegment], param: str) -> None:
+    limit = state.settings.limits.max_prompt_tokens
+    if limit >= state.engine.config.max_prompt_tokens:
+        return  # the engine refuses longer prompts itself
+    n = sum(len(state.engine.tokenize(s.text)) for s in segments)
+    if n > limit:
+        raise APIError(400, f"prompt has {n} tokens; the limit is {limit}", param, "prompt_too_long")
+
+
+async def prefill(
+    request: Request,
+    state: ServerState,
+    segments: list[PromptSegment],
+    tenant: str,
+    options: KVFuseOptions | None,
+    param: str = "messages",
+) -> PrefillResult:
+    """Run the engine's prefill in the threadpool; limit and engine errors become 4xx (``param`` names
+    the request field holding the prompt)."""
+    mode, ratio = resolve_mode(state, options)
+    request.state.requested_mode = mode
+    await run_in_threadpool(_check_tokens, state, segments, param)
+    req = PrefillRequest(tuple(segments), namespace=tenant, mode=mode, recompute_ratio=ratio)  # type: ignore[arg-type]
+    try:
+        result = await run_in_threadpool(state.engine.prefill, req)
+    except PromptTooLongError as exc:
+        raise APIError(400, str(exc), param, "prompt_too_long") from exc
+    except ValueError as exc:
+        raise APIError(400, str(exc), param) from exc
+    summary = result.summary()
+    state.metrics.observe_prefill(summary, mode)
+    for k in ("mode", "cached_tokens", "prompt_tokens", "ttft_ms", "fallback_reason"):
+        setattr(request.state, k, summary[k])
+    return result
+
+
+def sampling(
+    state: ServerState, max_tokens: int | None, temperature: float, top_p: float, seed: int | None
+) -> SamplingParams:
+    limit = state.settings.limits.max_completion_tokens
+    if max_tokens is not None and max_tokens > limit:
+        raise APIError(400, f"max_tokens {max_tokens} exceeds the limit of {limit}", "max_tokens")
+    return SamplingParams(
+        max_tokens=max_tokens or limit,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop_token_ids=state.eos_ids,
+    )
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > 4:
+        raise APIError(400, "at most 4 stop sequences", "stop")
+    return stops
+
+
+def generate_all(
+    state: ServerState, result: PrefillResult, params: SamplingParams, stop: list[str], top: int | None
+) -> Generated:
+    """Decode to the end (blocking; run it in the threadpool)."""
+    out = Generated(logprobs=[] if top is not None else None)
+    text = TextAssembler(state.engine.tokenizer, stop)
+    for token, logits in decode_steps(state, result, params):
+        if token in params.stop_token_ids:
+            out.finish_reason = "stop"
+            break
+        out.token_ids.append(token)
+        if out.logprobs is not None:
+            out.logprobs.append(token_logprob(state.engine.tokenizer, logits, token, top or 0))
+        text.add(token)
+        if text.stopped:
+            out.finish_reason = "stop"
+            break
+    out.text = text.text
+    return out
+
+
+def score(state: ServerState, result: PrefillResult, continuation: str, top: int) -> list[TokenLogprob]:
+    """Teacher-forced logprobs of ``continuation`` after the prompt (blocking)."""
+    ids = state.engine.tokenize(continuation)
+    if len(ids) == 0:
+        raise APIError(400, "continuation has no tokens", "continuation")
+    logits = state.engine.score(result, ids)
+    return [token_logprob(state.engine.tokenizer, row, int(t), top) for row, t in zip(logits, ids, strict=True)]
+
+
+def usage(result: PrefillResult, completion_tokens: int) -> Usage:
+    s = result.summary()
+    prompt = int(s["prompt_tokens"])  # type: ignore[call-overload]
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=int(s["cached_tokens"])),  # type: ignore[call-overload]
+    )
+
+
+def kvfuse_info(result: PrefillResult, requested: str) -> KVFuseInfo:
+    return KVFuseInfo(requested_mode=requested, **result.summary())  # type: ignore[arg-type]
+
+
+def new_id(prefix: str) -> tuple[str, int]:
+    """A response id and its creation time (unix seconds)."""
+    return f"{prefix}-{secrets.token_hex(12)}", int(time.time())

@@ -1,0 +1,121 @@
+"""Prometheus metrics (one registry per app) and the reuse totals behind ``GET /v1/stats``."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvstore.store import TieredStore
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class StoreCollector(Collector):
+    """Per-tier gauges read from ``store.stats()`` at scrape time."""
+
+    def __init__(self, store: TieredStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fields = ("used_bytes", "budget_bytes", "hits", "misses", "evictions", "errors", "corrupt")
+        families = {
+            f: GaugeMetricFamily(f"kvfuse_store_{f}", f"store tier {f.replace('_', ' ')}", labels=["tier"])
+            for f in fields
+        }
+        available = GaugeMetricFamily("kvfuse_store_available", "1 if the tier is serving", labels=["tier"])
+        for tier in self.store.stats().as_dict()["tiers"]:
+            for f in fields:
+                families[f].add_metric([tier["name"]], float(tier.get(f, 0)))
+            available.add_metric([tier["name"]], 1.0 if tier["available"] else 0.0)
+        yield from families.values()
+        yield available
+
+
+@dataclass
+class ReuseTotals:
+    """Running totals over answered prompts; ``ttft_saved_ms`` is estimated against a dense prefill at
+    the measured dense cost per prompt token (an exponential moving average)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    reused_tokens: int = 0
+    recomputed_tokens: int = 0
+    computed_tokens: int = 0
+    dense_fallbacks: int = 0
+    ttft_ms_total: float = 0.0
+    ttft_saved_ms: float = 0.0
+    dense_ms_per_token: float | None = None
+    _reuse_ttft_ms: float = 0.0
+    _reuse_tokens: int = 0
+
+    def add(self, s: dict[str, Any], requested: str) -> None:
+        self.requests += 1
+        for f in ("prompt_tokens", "cached_tokens", "reused_tokens", "recomputed_tokens", "computed_tokens"):
+            setattr(self, f, getattr(self, f) + int(s[f]))
+        ttft = float(s["ttft_ms"])
+        self.ttft_ms_total += ttft
+        if s["mode"] == "dense":
+            self.dense_fallbacks += requested != "dense"
+            per_token = ttft / max(1, int(s["prompt_tokens"]))
+            old = self.dense_ms_per_token
+            self.dense_ms_per_token = per_token if old is None else 0.8 * old + 0.2 * per_token
+        elif int(s["cached_tokens"]):
+            self._reuse_ttft_ms += ttft
+            self._reuse_tokens += int(s["prompt_tokens"])
+        if self.dense_ms_per_token is not None:
+            self.ttft_saved_ms = self.dense_ms_per_token * self._reuse_tokens - self._reuse_ttft_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        out["reuse_rate"] = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        if self.dense_ms_per_token is None:
+            out["ttft_saved_ms"] = None
+        return out
+
+
+class Metrics:
+    """The service's Prometheus metrics plus reuse totals (thread-safe)."""
+
+    def __init__(self, store: TieredStore) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "kvfuse_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "kvfuse_ttft_seconds",
+            "server-side TTFT by mode",
+            ["mode"],
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter("kvfuse_prompt_tokens", "prompt tokens", registry=self.registry)
+        self.cached_tokens = Counter("kvfuse_cached_tokens", "prompt tokens from cache", registry=self.registry)
+        self.recomputed_tokens = Counter("kvfuse_recomputed_tokens", "cached tokens recomputed", registry=self.registry)
+        self.fallbacks = Counter("kvfuse_dense_fallbacks", "dense fallbacks", registry=self.registry)
+        self.registry.register(StoreCollector(store))
+        self.totals = ReuseTotals()
+        self._lock = threading.Lock()
+
+    def observe_prefill(self, summary: dict[str, Any], requested: str) -> None:
+        self.ttft.labels(mode=str(summary["mode"])).observe(float(summary["ttft_ms"]) / 1000)
+        self.prompt_tokens.inc(int(summary["prompt_tokens"]))
+        self.cached_tokens.inc(int(summary["cached_tokens"]))
+        self.recomputed_tokens.inc(int(summary["recomputed_tokens"]))
+        if summary["fallback_reason"] and summary["mode"] == "dense":
+            self.fallbacks.inc()
+        with self._lock:
+            self.totals.add(summary, requested)
+
+    def totals_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return self.totals.as_dict()

@@ -1,0 +1,68 @@
+"""The kvfuse command line: help everywhere, warm and stats against the running test service."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from server.cli import app, read_documents
+from tests.server.conftest import Service
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["warm"], ["stats"], ["bench"]])
+def test_help(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_bench_dispatches_to_the_workload() -> None:
+    result = runner.invoke(app, ["bench", "server", "--help"])
+    assert result.exit_code == 0 and "kvfuse bench server" in result.output  # argparse's own help
+
+
+def test_serve_reports_bad_settings(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["serve", "--config", str(tmp_path / "missing.yaml")]).exit_code == 2
+    result = runner.invoke(app, ["serve", "--model", str(tmp_path), "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "config.json" in result.output
+
+
+def test_read_documents(tmp_path: Path) -> None:
+    f = tmp_path / "a.txt"
+    f.write_text("first block\nstill first\n\nsecond block\n\n\n")
+    assert read_documents([f], split=False) == [(str(f), "first block\nstill first\n\nsecond block")]
+    assert [t for _, t in read_documents([f], split=True)] == ["first block\nstill first", "second block"]
+
+
+def test_warm_and_stats_against_a_service(service: Service, alice: httpx.Client, tmp_path: Path) -> None:
+    f = tmp_path / "docs.txt"
+    f.write_text("CLI warm document one about trains crossing the long bridge.\n\n"
+                 "CLI warm document two about ships entering the old harbour.\n")  # fmt: skip
+    args = ["warm", str(f), "--split", "--url", service.url, "--api-key", "sk-alice", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and all(r["tokens"] > 8 for r in rows)
+    for row in rows:
+        assert alice.head(f"/v1/chunks/{row['key']}").status_code == 200
+    result = runner.invoke(app, ["stats", "--url", service.url, "--api-key", "sk-alice"])
+    assert result.exit_code == 0 and "reuse totals" in result.output
+    result = runner.invoke(app, ["stats", "--url", service.url, "--api-key", "sk-wrong"])
+    assert result.exit_code == 1 and "401" in result.output
+
+
+def test_warm_in_process_persists_to_the_data_dir(tmp_path: Path) -> None:
+    f = tmp_path / "doc.txt"
+    f.write_text("An in-process warm document about a small bakery that opens before sunrise every day.")
+    env = {"KVFUSE_DATA_DIR": str(tmp_path / "data")}
+    result = runner.invoke(app, ["warm", str(f), "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(row["key"]) == 32 and row["tokens"] > 8
+    assert any((tmp_path / "data" / "kv").rglob("*")) and (tmp_path / "data" / "secret").is_file()

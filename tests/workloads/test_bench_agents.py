@@ -1,0 +1,23 @@
+"""Smoke test of ``kvfuse bench agents --quick``: every method is reported (not timings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from workloads import bench_agents
+
+
+@pytest.mark.slow
+def test_bench_agents_quick(tmp_path: Path) -> None:
+    out, plot = tmp_path / "agents.json", tmp_path / "agents.png"
+    assert bench_agents.main(["--quick", "--json", str(out), "--plot", str(plot)]) == 0
+    (result,) = json.loads(out.read_text())
+    methods = result["methods"]
+    assert set(methods) == {"dense", "anchor", "hybrid", "blend", "naive"}
+    assert methods["dense"]["agreement"] == 1.0 and methods["dense"]["reuse_rate"] == 0.0
+    assert all(0.0 <= m["agreement"] <= 1.0 and 0.0 <= m["reuse_rate"] <= 1.0 for m in methods.values())
+    assert result["anchor_pool"]["anchors"] > 0
+    assert plot.stat().st_size > 1000

@@ -1,0 +1,298 @@
+"""Service benchmark: blob GET/PUT throughput over loopback and chat TTFT (p50/p99) at 1, 8 and 32
+concurrent clients, dense vs reuse, in one run against an in-process server on a free loopback port.
+
+TTFT is measured by the client: from sending a streaming chat request to its first content event.
+Each request carries ``--docs`` documents drawn from a warmed pool in a shuffled order, so reuse means
+blending cached chunks at new positions (not a prefix hit). Dense requests neither read nor write the
+cache. Target: 1 MB blob GET >= 300 MB/s.
+
+    python -m workloads.bench_server [--quick] [--json out.json] [--clients 1,8,32] [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import torch
+
+from blending.engine import Engine
+from blending.model import ModelSpec, load_model
+from kvstore import KVChunk, StoreConfig, TieredStore
+from kvstore.chunk import SUPPORTED_DTYPES
+from kvstore.codec import encode
+from server.app import create_app
+from server.config import Limits, Settings
+from server.embedded import BackgroundServer
+
+TARGET_GET_MB_S = 300.0
+_WORDS = ("river", "city", "market", "bridge", "garden", "station", "museum", "harbour", "tower", "school",
+          "forest", "island", "valley", "village", "engineer", "baker", "teacher", "doctor", "sailor")  # fmt: skip
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))] if ordered else 0.0
+
+
+def _latency(ms: Sequence[float]) -> dict[str, float]:
+    return {"p50_ms": _pct(ms, 0.5), "p99_ms": _pct(ms, 0.99), "mean_ms": statistics.fmean(ms) if ms else 0.0}
+
+
+def make_documents(n: int, words: int, seed: int = 0) -> list[str]:
+    """``n`` distinct synthetic passages of about ``words`` words."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        body = " ".join(rng.choice(_WORDS) for _ in range(words))
+        docs.append(f"Passage {i}: the {rng.choice(_WORDS)} report says {body}.")
+    return docs
+
+
+def _blob(engine: Engine, target_bytes: int) -> tuple[bytes, int]:
+    m = re.fullmatch(r"l(\d+)h(\d+)d(\d+):(\w+)", engine.layout)
+    assert m, engine.layout
+    layers, heads, dim, dtype = int(m[1]), int(m[2]), int(m[3]), SUPPORTED_DTYPES[m[4]]
+    per_token = layers * 2 * heads * dim * dtype.itemsize
+    tokens = max(1, round(target_bytes / per_token))
+    kv = torch.randn(layers, 2, heads, tokens, dim).to(dtype)
+    blob = encode(KVChunk(kv, torch.arange(tokens), engine.fingerprint))
+    return blob, tokens
+
+
+class _BlobClient:
+    """A keep-alive ``http.client`` connection: unlike httpx (pure-Python h11, ~250 MB/s by itself on
+    1 MB bodies) it does not bound what the server can deliver."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urlsplit(url)
+        self.conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=60)
+
+    def request(self, method: str, key: str, body: bytes | None = None) -> bytes:
+        headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
+        self.conn.request(method, f"/v1/chunks/{key}", body=body, headers=headers)
+        response = self.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{method} /v1/chunks/{key}: HTTP {response.status}: {data[:200]!r}")
+        return data
+
+
+def bench_blobs(url: str, engine: Engine, size: int, iterations: int, clients: int = 4) -> dict[str, Any]:
+    """PUT then GET ``iterations`` blobs of ``size`` bytes (one client), then GET with ``clients``."""
+    blob, tokens = _blob(engine, size)
+    keys = [secrets.token_hex(16) for _ in range(iterations)]
+    times: dict[str, list[float]] = {"put": [], "get": []}
+    client = _BlobClient(url)
+    try:
+        client.request("PUT", keys[0], blob)  # warm-up
+        client.request("GET", keys[0])
+        for op in ("PUT", "GET"):
+            for key in keys:
+                t0 = time.perf_counter()
+                data = client.request(op, key, blob if op == "PUT" else None)
+                times[op.lower()].append(time.perf_counter() - t0)
+                assert op == "PUT" or len(data) == len(blob)
+    finally:
+        client.conn.close()
+
+    def get_many(part: list[str]) -> list[float]:
+        out, c = [], _BlobClient(url)
+        try:
+            for key in part:
+                t0 = time.perf_counter()
+                c.request("GET", key)
+                out.append(time.perf_counter() - t0)
+        finally:
+            c.conn.close()
+        return out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        parallel = [t for ts in pool.map(get_many, [keys] * clients) for t in ts]
+    wall = time.perf_counter() - t0
+
+    def summary(ts: list[float], seconds: float) -> dict[str, float]:
+        return {"mb_s": len(ts) * len(blob) / seconds / 1e6, **_latency([t * 1000 for t in ts]), "n": len(ts)}
+
+    get = summary(times["get"], sum(times["get"]))
+    return {
+        "bytes": len(blob),
+        "tokens": tokens,
+        "put": summary(times["put"], sum(times["put"])),
+        "get": get,
+        "get_concurrent": {**summary(parallel, wall), "clients": clients},
+        "target_get_mb_s": TARGET_GET_MB_S,
+        "target_ok": bool(get["mb_s"] >= TARGET_GET_MB_S),
+    }
+
+
+def _stream_ttft(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    """Send one streaming chat request; client TTFT (ms) to the first content event, plus its kvfuse."""
+    t0 = time.perf_counter()
+    ttft: float | None = None
+    info: dict[str, Any] = {}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if ttft is None and event["choices"][0]["delta"].get("content"):
+                ttft = (time.perf_counter() - t0) * 1000
+            info = event.get("kvfuse", info)
+    return {
+        "ttft_ms": ttft if ttft is not None else (time.perf_counter() - t0) * 1000,
+        "server_ttft_ms": float(info.get("ttft_ms", 0.0)),
+        "cached_tokens": int(info.get("cached_tokens", 0)),
+        "prompt_tokens": int(info.get("prompt_tokens", 0)),
+        "mode": str(info.get("mode")),
+    }
+
+
+def bench_chat(
+    url: str, pool: list[str], clients: int, requests: int, mode: str, docs: int, seed: int
+) -> dict[str, Any]:
+    """``requests`` streaming chats, ``clients`` at a time, each with ``docs`` shuffled pool documents."""
+    rng = random.Random(seed)
+    bodies = [
+        {"messages": [{"role": "user", "content": f"Summarise passage {rng.randrange(len(pool))} in a word."}],
+         "documents": rng.sample(pool, docs), "max_tokens": 2, "temperature": 0, "stream": True,
+         "kvfuse": {"mode": mode}}
+        for _ in range(requests)
+    ]  # fmt: skip
+
+    def client_loop(mine: list[dict[str, Any]]) -> list[dict[str, Any]]:  # one client, one request at a time
+        with httpx.Client(base_url=url, timeout=600) as client:
+            return [_stream_ttft(client, body) for body in mine]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        results = [r for rs in ex.map(client_loop, [bodies[i::clients] for i in range(clients)]) for r in rs]
+    wall = time.perf_counter() - t0
+    ttfts = [r["ttft_ms"] for r in results]
+    return {
+        **_latency(ttfts),
+        "server_ttft_p50_ms": _pct([r["server_ttft_ms"] for r in results], 0.5),
+        "cached_tokens_mean": statistics.fmean(r["cached_tokens"] for r in results),
+        "prompt_tokens_mean": statistics.fmean(r["prompt_tokens"] for r in results),
+        "modes": sorted({r["mode"] for r in results}),
+        "requests_per_s": len(results) / wall,
+    }
+
+
+def run(
+    clients: Sequence[int], requests: int | None, *, quick: bool, blob_bytes: int, blob_iters: int,
+    docs: int, doc_words: int, pool_size: int, threads: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Start the service in-process, run the blob and chat benchmarks, stop it."""
+    if threads:
+        torch.set_num_threads(threads)
+    loaded = load_model(ModelSpec())
+    work = tempfile.mkdtemp(prefix="kvfuse-bench-server-")
+    store = TieredStore.from_config(StoreConfig(cpu_bytes=2 << 30))
+    try:
+        engine = Engine(loaded, store)
+        limits = Limits(max_body_bytes=max(64 << 20, 2 * blob_bytes), max_documents=max(64, pool_size))
+        settings = Settings(data_dir=Path(work), limits=limits)
+        with BackgroundServer(create_app(engine, settings)) as server:
+            blobs = bench_blobs(server.url, engine, blob_bytes, blob_iters)
+            pool = make_documents(pool_size, doc_words)
+            httpx.post(f"{server.url}/v1/chunks", json={"texts": pool}, timeout=600).raise_for_status()
+            chat = []
+            for i, c in enumerate(clients):
+                n = requests or (c if quick else max(8, c))
+                row: dict[str, Any] = {"clients": c, "requests": n}
+                for mode, label in (("dense", "dense"), ("auto", "reuse")):
+                    row[label] = bench_chat(server.url, pool, c, n, mode, docs, seed=i)
+                row["ratio_p50"] = row["reuse"]["p50_ms"] / row["dense"]["p50_ms"]
+                row["ratio_p99"] = row["reuse"]["p99_ms"] / row["dense"]["p99_ms"]
+                chat.append(row)
+    finally:
+        store.close()
+        shutil.rmtree(work, ignore_errors=True)
+    meta = {"model": loaded.name, "quick": quick, "docs_per_request": docs, "doc_words": doc_words,
+            "pool": pool_size, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}  # fmt: skip
+    return {"meta": meta, "blob": blobs, "chat": chat}
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Rich tables: blob throughput, and TTFT per concurrency (dense vs reuse, ratio reuse/dense)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(120, shutil.get_terminal_size().columns))
+    b = report["blob"]
+    blob = Table(title=f"kvfuse server: {b['bytes'] / 1e6:.2f} MB blobs")
+    for col in ("op", "MB/s", "p50 ms", "p99 ms", "n"):
+        blob.add_column(col, justify="right")
+    for op in ("put", "get", "get_concurrent"):
+        s = b[op]
+        name = f"get x{s['clients']}" if op == "get_concurrent" else op
+        blob.add_row(name, f"{s['mb_s']:.0f}", f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", str(s["n"]))
+    console.print(blob)
+    ok = "[green]ok[/]" if b["target_ok"] else "[red]below target[/]"
+    console.print(f"GET target >= {b['target_get_mb_s']:.0f} MB/s: {ok}")
+    chat = Table(title="kvfuse server: chat TTFT (client-measured, ms)")
+    for col in ("clients", "requests", "dense p50", "dense p99", "reuse p50", "reuse p99", "ratio p50",
+                "ratio p99", "cached tok", "prompt tok"):  # fmt: skip
+        chat.add_column(col, justify="right")
+    for r in report["chat"]:
+        d, u = r["dense"], r["reuse"]
+        chat.add_row(str(r["clients"]), str(r["requests"]), f"{d['p50_ms']:.0f}", f"{d['p99_ms']:.0f}",
+                     f"{u['p50_ms']:.0f}", f"{u['p99_ms']:.0f}", f"{r['ratio_p50']:.2f}", f"{r['ratio_p99']:.2f}",
+                     f"{u['cached_tokens_mean']:.0f}", f"{u['prompt_tokens_mean']:.0f}")  # fmt: skip
+    console.print(chat)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvfuse bench server", description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default=None, help="concurrency levels, comma separated [1,8,32]")
+    parser.add_argument("--requests", type=int, default=None, help="requests per level and mode")
+    parser.add_argument("--docs", type=int, default=None, help="documents per request [4]")
+    parser.add_argument("--doc-words", type=int, default=None, help="words per document [60]")
+    parser.add_argument("--blob-mb", type=float, default=1.0, help="blob size in MB [1]")
+    parser.add_argument("--blob-iters", type=int, default=None, help="blobs per op [50]")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--quick", action="store_true", help="small smoke run (1 and 4 clients)")
+    args = parser.parse_args(argv)
+    default_clients = "1,4" if args.quick else "1,8,32"
+    clients = [int(c) for c in (args.clients or default_clients).split(",") if c.strip()]
+    if not clients or min(clients) < 1:
+        parser.error("--clients must list positive integers")
+    report = run(
+        clients,
+        args.requests,
+        quick=args.quick,
+        blob_bytes=int(args.blob_mb * 1e6),
+        blob_iters=args.blob_iters or (8 if args.quick else 50),
+        docs=args.docs or (2 if args.quick else 4),
+        doc_words=args.doc_words or (20 if args.quick else 60),
+        pool_size=8 if args.quick else 16,
+        threads=args.threads,
+    )
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
