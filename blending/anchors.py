@@ -31,7 +31,8 @@ class AnchorConfig:
     max_bytes: int = 1 << 30
     temperature: float = 0.05
     max_entropy: float = 0.9
-    max_distance: float = 0.35
+    max_distance: float = 1.0
+    min_overlap: float = 0.5  # an anchor must cover this share of the segment's tokens
 
 
 @dataclass(eq=False)  # identity semantics: anchors hold tensors
@@ -57,6 +58,16 @@ class Estimate:
     anchors: int
     entropy: float
     distance: float
+
+
+def _fit(t: torch.Tensor, n: int, tail: int = 16) -> torch.Tensor:
+    """``t`` ``[L, 2, H, T, D]`` cut or extended to ``n`` tokens; extension repeats the mean of its last
+    tokens (past the segment start the deviation is mostly a steady shift from the receiving context)."""
+    have = t.shape[3]
+    if have >= n:
+        return t[:, :, :, :n]
+    fill = t[:, :, :, max(0, have - tail) :].mean(dim=3, keepdim=True)
+    return torch.cat([t, fill.expand(-1, -1, -1, n - have, -1)], dim=3)
 
 
 def _frame0(kv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -122,13 +133,11 @@ class AnchorPool:
         """Corrected KV of ``base`` placed at ``new_positions`` in ``context``, or a reason to fall back."""
         n = base.num_tokens
         with self._lock:
-            anchors = [a for a in self._anchors.get(context, []) if a.num_tokens >= n]
+            anchors = [a for a in self._anchors.get(context, []) if a.num_tokens >= self.config.min_overlap * n]
         if not anchors:
             return self._miss("no anchor for this context and length", 0, 0.0, math.inf)
         base0 = _frame0(base.kv.float(), base.positions, self.inv_freq)  # [L, 2, H, T, D]
-        bases = torch.stack([a.base[:, :, :, :n].float() for a in anchors])  # [A, L, 2, H, T, D]
-        dist = (bases - base0[None]).pow(2).sum(dim=(3, 4, 5)).sqrt()  # [A, L, 2]
-        rel = dist / base0.pow(2).sum(dim=(2, 3, 4)).sqrt().clamp_min(1e-6)[None]
+        rel = torch.stack([self._distance(a, base0) for a in anchors])  # [A, L, 2]
         closest = float(rel.min(dim=0).values.mean())
         weights = torch.softmax(-rel / self.config.temperature, dim=0)  # per layer, K and V separately
         entropy = 0.0
@@ -139,7 +148,7 @@ class AnchorPool:
             return self._miss("no anchor close enough", len(anchors), entropy, closest)
         if entropy > self.config.max_entropy:
             return self._miss("anchor weights too flat", len(anchors), entropy, closest)
-        devs = torch.stack([a.deviation[:, :, :, :n].float() for a in anchors])
+        devs = torch.stack([_fit(a.deviation.float(), n) for a in anchors])
         corrected = base0 + (weights[:, :, :, None, None, None] * devs).sum(dim=0)
         corrected[:, 0] = rerotate(corrected[:, 0], torch.zeros_like(new_positions), new_positions, self.inv_freq)
         top = int(weights.mean(dim=(1, 2)).argmax())
@@ -148,6 +157,14 @@ class AnchorPool:
             self.counters["estimates"] += 1
         chunk = KVChunk(corrected.to(base.kv.dtype), new_positions.clone(), base.fingerprint)
         return Estimate(chunk, None, len(anchors), entropy, closest)
+
+    @staticmethod
+    def _distance(anchor: Anchor, base0: torch.Tensor) -> torch.Tensor:
+        """Relative distance per layer, keys and values apart, over the tokens both cover: ``[L, 2]``."""
+        m = min(anchor.num_tokens, base0.shape[3])
+        ours = base0[:, :, :, :m]
+        diff = (anchor.base[:, :, :, :m].float() - ours).pow(2).sum(dim=(2, 3, 4)).sqrt()
+        return diff / ours.pow(2).sum(dim=(2, 3, 4)).sqrt().clamp_min(1e-6)
 
     def _miss(self, reason: str, count: int, entropy: float, distance: float) -> Estimate:
         with self._lock:
