@@ -10,6 +10,7 @@ and records a new anchor.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -19,6 +20,10 @@ import torch
 
 from blending.rope import rerotate
 from kvstore.chunk import KVChunk
+from kvstore.keys import ChunkKey, KeySpace
+from kvstore.store import TieredStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class AnchorConfig:
 class Anchor:
     base: torch.Tensor  # [L, 2, H, T, D], keys at position 0
     deviation: torch.Tensor  # same layout: real minus base, keys at position 0
+    slot: int = -1  # its place among the context's max_per_context persisted entries
     uses: int = 0
     added: float = field(default_factory=time.monotonic)
 
@@ -76,13 +82,50 @@ def _frame0(kv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -
     return out
 
 
-class AnchorPool:
-    """Bounded (entries per context, bytes overall), updated online, safe under concurrent requests."""
+class AnchorStore:
+    """Persists anchors in a TieredStore: context ``c``'s slot ``i`` holds two chunks (base and deviation,
+    position-free: their positions are all 0) under keys derived from (c, i). No index is needed: a pool
+    probes a context's slots the first time it sees the context, so instances sharing a tier share anchors."""
 
-    def __init__(self, inv_freq: torch.Tensor, config: AnchorConfig | None = None) -> None:
+    def __init__(self, store: TieredStore, fingerprint: str, layout: str, namespace: str = "anchors") -> None:
+        self.store, self.fingerprint, self.layout, self.namespace = store, fingerprint, layout, namespace
+
+    def _keys(self, context: str, slot: int) -> tuple[ChunkKey, ChunkKey]:
+        space = KeySpace(self.fingerprint, f"{self.layout}:anchor:{context}", self.namespace)
+        return space.chunk_key([slot, 0]), space.chunk_key([slot, 1])
+
+    def save(self, context: str, anchor: Anchor) -> None:
+        base_key, dev_key = self._keys(context, anchor.slot)
+        zeros = torch.zeros(anchor.num_tokens, dtype=torch.int64)
+        self.store.put_many([(dev_key, KVChunk(anchor.deviation, zeros, self.fingerprint)),
+                             (base_key, KVChunk(anchor.base, zeros, self.fingerprint))])
+
+    def load(self, context: str, slots: int) -> list[Anchor]:
+        keys = [k for slot in range(slots) for k in self._keys(context, slot)]
+        found = self.store.get_many(keys)
+        out = []
+        for slot in range(slots):
+            base, dev = found[2 * slot], found[2 * slot + 1]
+            if base is None or dev is None or base.kv.shape != dev.kv.shape:
+                continue
+            if base.fingerprint != self.fingerprint or dev.fingerprint != self.fingerprint:
+                continue
+            out.append(Anchor(base.kv.clone(), dev.kv.clone(), slot=slot))
+        return out
+
+
+class AnchorPool:
+    """Bounded (entries per context, bytes overall), updated online, safe under concurrent requests;
+    persisted through an optional :class:`AnchorStore`."""
+
+    def __init__(
+        self, inv_freq: torch.Tensor, config: AnchorConfig | None = None, persist: AnchorStore | None = None
+    ) -> None:
         self.config = config or AnchorConfig()
         self.inv_freq = inv_freq
+        self.persist = persist
         self._anchors: dict[str, list[Anchor]] = {}
+        self._loaded: set[str] = set()
         self._lock = threading.Lock()
         self.used_bytes = 0
         self.counters = {"estimates": 0, "fallbacks": 0, "added": 0, "evicted": 0}
@@ -103,17 +146,57 @@ class AnchorPool:
         real0 = _frame0(real_kv.float(), real_positions, self.inv_freq)
         dtype = base.kv.dtype
         anchor = Anchor(base0.to(dtype), (real0 - base0).to(dtype))
+        self._ensure_loaded(context)
         with self._lock:
             entries = self._anchors.setdefault(context, [])
-            entries.append(anchor)
-            self.used_bytes += anchor.nbytes
-            self.counters["added"] += 1
-            while len(entries) > self.config.max_per_context:
-                self._evict_from(context, protect=anchor)
-            while self.used_bytes > self.config.max_bytes and self._evict_global(protect=anchor):
+            same = next((a for a in entries if a.base.shape == anchor.base.shape and torch.equal(a.base, anchor.base)),
+                        None)
+            if same is not None:  # the same segment seen again in this context: refresh, do not duplicate
+                same.deviation = anchor.deviation
+                anchor = same
+            else:
+                entries.append(anchor)
+                self.used_bytes += anchor.nbytes
+                self.counters["added"] += 1
+                while len(entries) > self.config.max_per_context:
+                    self._evict_from(context, anchor)
+                while self.used_bytes > self.config.max_bytes and self._evict_global(anchor):
+                    pass
+                # An evicted anchor's slot is reused: a context never persists more than max_per_context.
+                taken = {a.slot for a in entries}
+                anchor.slot = next(i for i in range(self.config.max_per_context) if i not in taken)
+        self._save(context, anchor)
+
+    def _save(self, context: str, anchor: Anchor) -> None:
+        if self.persist is None:
+            return
+        try:
+            self.persist.save(context, anchor)
+        except Exception as exc:  # a store failure must not fail the request
+            log.warning("anchor persistence failed: %s", exc)
+
+    def _ensure_loaded(self, context: str) -> None:
+        if self.persist is None or context in self._loaded:
+            return
+        try:
+            found = self.persist.load(context, self.config.max_per_context)
+        except Exception as exc:
+            log.warning("anchor load failed: %s", exc)
+            return
+        with self._lock:
+            if context in self._loaded:
+                return
+            self._loaded.add(context)
+            entries = self._anchors.setdefault(context, [])
+            taken = {a.slot for a in entries}
+            for anchor in found:
+                if anchor.slot not in taken and len(entries) < self.config.max_per_context:
+                    entries.append(anchor)
+                    self.used_bytes += anchor.nbytes
+            while self.used_bytes > self.config.max_bytes and self._evict_global(None):
                 pass
 
-    def _evict_from(self, context: str, protect: Anchor) -> bool:
+    def _evict_from(self, context: str, protect: Anchor | None) -> bool:
         entries = [a for a in self._anchors.get(context, []) if a is not protect]
         if not entries:
             return False
@@ -123,7 +206,7 @@ class AnchorPool:
         self.counters["evicted"] += 1
         return True
 
-    def _evict_global(self, protect: Anchor) -> bool:
+    def _evict_global(self, protect: Anchor | None) -> bool:
         candidates = [(a.uses, a.added, c) for c, v in self._anchors.items() for a in v if a is not protect]
         if not candidates:
             return False
@@ -132,6 +215,7 @@ class AnchorPool:
     def estimate(self, context: str, base: KVChunk, new_positions: torch.Tensor) -> Estimate:
         """Corrected KV of ``base`` placed at ``new_positions`` in ``context``, or a reason to fall back."""
         n = base.num_tokens
+        self._ensure_loaded(context)
         with self._lock:
             anchors = [a for a in self._anchors.get(context, []) if a.num_tokens >= self.config.min_overlap * n]
         if not anchors:

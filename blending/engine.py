@@ -12,7 +12,7 @@ import torch
 
 from blending.adapter import ModelAdapter, UnsupportedModelError
 from blending.anchor_flow import anchor_prefill
-from blending.anchors import AnchorConfig, AnchorPool
+from blending.anchors import AnchorConfig, AnchorPool, AnchorStore
 from blending.cacheblend import BlendConfig, blend
 from blending.decode import SamplingParams, generate_tokens, teacher_forced_logits
 from blending.fused import BlendStats, FusedKV
@@ -100,7 +100,10 @@ class Engine:
         except UnsupportedModelError as exc:  # serve dense through HF only
             self.adapter, self.unsupported_reason = None, str(exc)
         self.layout = self._layout()
-        self.anchor_pool = AnchorPool(self.adapter.inv_freq, self.config.anchors) if self.adapter else None
+        self.anchor_pool = None
+        if self.adapter is not None:
+            persist = AnchorStore(store, self.fingerprint, self.layout)
+            self.anchor_pool = AnchorPool(self.adapter.inv_freq, self.config.anchors, persist)
 
     def _layout(self) -> str:
         cfg = self.model.config.get_text_config(decoder=True)

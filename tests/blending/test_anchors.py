@@ -113,3 +113,27 @@ def test_concurrent_updates_keep_pool_consistent() -> None:
     assert all(n <= 4 for n in pool.contexts().values())
     assert pool.used_bytes == len(pool) * _fake_anchor()[0].kv.numel() * 4 * 2
     assert pool.used_bytes <= pool.config.max_bytes
+
+
+def test_persistence_round_trip_through_kvstore() -> None:
+    """Anchors written by one pool are found by another sharing the store (as instances sharing Redis)."""
+    from blending.anchors import AnchorStore
+    from kvstore import StoreConfig, TieredStore
+
+    adapter, prefix, segment = _setup()
+    positions = torch.arange(len(prefix), len(prefix) + len(segment))
+    store = TieredStore.from_config(StoreConfig(cpu_bytes=16 << 20))
+    writer = AnchorPool(adapter.inv_freq, AnchorConfig(max_per_context=2), AnchorStore(store, "fp", "tiny"))
+    others = [torch.randint(0, 256, (14,), generator=torch.Generator().manual_seed(s)) for s in (7, 8)]
+    for seg in [*others, segment]:  # the third reuses an evicted slot: at most 2 persisted per context
+        writer.add("agent-a:0", chunk_kv(adapter, "fp", seg), _real(adapter, prefix, seg), positions)
+    writer.add("agent-a:0", chunk_kv(adapter, "fp", segment), _real(adapter, prefix, segment), positions)
+    assert len(writer) == 2  # seen again: refreshed, not duplicated
+    reader = AnchorPool(adapter.inv_freq, AnchorConfig(max_per_context=2), AnchorStore(store, "fp", "tiny"))
+    base = chunk_kv(adapter, "fp", segment)
+    est = reader.estimate("agent-a:0", base, positions)
+    assert est.chunk is not None and est.anchors == 2
+    torch.testing.assert_close(est.chunk.kv, _real(adapter, prefix, segment), atol=1e-4, rtol=1e-4)
+    other_model = AnchorPool(adapter.inv_freq, persist=AnchorStore(store, "other-fp", "tiny"))
+    assert other_model.estimate("agent-a:0", base, positions).reason == "no anchor for this context and length"
+    store.close()
