@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=6)
     p.add_argument("--doc-tokens", type=int, default=100)
     p.add_argument("--ratios", default="0.15,0.3,0.5,1.0")
+    p.add_argument("--calibration-ratios", default="0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.7,1.0")
     p.add_argument("--answer-tokens", type=int, default=10)
     p.add_argument("--long-tokens", type=int, default=4096, help="context length of the TTFT part (0 = skip)")
     p.add_argument("--repeats", type=int, default=2)
@@ -191,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     args = p.parse_args(argv)
     if args.quick:
-        args.examples, args.docs, args.doc_tokens, args.long_tokens, args.repeats = 2, 3, 40, 300, 1
-        args.answer_tokens, args.calibration_examples = 4, 1
+        args.examples, args.docs, args.doc_tokens, args.long_tokens, args.repeats = 1, 3, 40, 300, 1
+        args.answer_tokens, args.calibration_examples, args.calibration_ratios = 4, 1, "0.15,1.0"
     ratios = [float(r) for r in args.ratios.split(",")]
     console = Console()
     loaded = load_model(ModelSpec())
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             engine = _engine(loaded, store, Method("cal", "blend"))
             cal_examples = [corpus.sample_example(args.docs, rng) for _ in range(args.calibration_examples)]
             requests = [PrefillRequest(rag_segments(loaded, e)) for e in cal_examples]
-            cal = calibrate_ratio(engine, requests, args.fidelity_target, answer_tokens=args.answer_tokens,
+            cal_ratios = [float(r) for r in args.calibration_ratios.split(",")]
+            cal = calibrate_ratio(engine, requests, args.fidelity_target, cal_ratios, args.answer_tokens,
                                   prepare=lambda r: _warm(engine, r.segments))
             held = run_quality(loaded, store, examples, [Method("dense", "dense"),
                                Method(f"calibrated {cal.ratio:.2f}", "blend", cal.ratio)], args.answer_tokens)
