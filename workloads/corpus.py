@@ -36,7 +36,8 @@ CITY_ALIASES: dict[str, tuple[str, ...]] = {"Prague": ("Praha",), "Lisbon": ("Li
                                             "Vienna": ("Wien",), "Rome": ("Roma",)}
 COMPANY_HEADS = ("Bluefin", "Northwind", "Silverline", "Redwood", "Brightwave", "Ironbridge", "Greenfield",
                  "Stonegate", "Clearwater", "Goldcrest", "Oakridge", "Sunpeak", "Harbourlight", "Westmark",
-                 "Maplestone", "Copperleaf", "Highmoor", "Starling")
+                 "Maplestone", "Copperleaf", "Highmoor", "Starling", "Falconer", "Lakeshore", "Pinecrest",
+                 "Kingsford", "Amberline", "Foxglove", "Thornbury", "Blackwell", "Ravenscroft", "Whitcombe")
 COMPANY_TAILS = ("Logistics", "Foods", "Textiles", "Motors", "Software", "Pharma", "Energy", "Furniture",
                  "Shipping", "Publishing", "Robotics", "Brewing")
 # Unnamed on purpose: named towns lure the small model into answering "born in <town>".

@@ -87,15 +87,20 @@ def _entities(template: str, rng: random.Random) -> list[tuple[str, ...]]:
         "access_code": [(p,) for p in places],
         "colour": [(o, p) for o in C.OBJECTS for p in places],
         "birthplace": [(f"{f} {last}",) for f in C.FIRST_NAMES for last in C.LAST_NAMES],
-        "founded": [(f"{h} {t}",) for h in C.COMPANY_HEADS for t in C.COMPANY_TAILS],
     }
+    if template == "founded":  # every head once before any head twice: similar names confuse the model
+        heads, tails = list(C.COMPANY_HEADS), list(C.COMPANY_TAILS)
+        rng.shuffle(heads)
+        rng.shuffle(tails)
+        rounds = [[(f"{h} {tails[(k + r) % len(tails)]}",) for k, h in enumerate(heads)] for r in range(len(tails))]
+        return [e for batch in reversed(rounds) for e in batch]  # popped from the end
     pool = pools[template]
     rng.shuffle(pool)
     return pool
 
 
 def _similar(template: str, a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    """Near-miss entity: same building, same place, same first name or same company head."""
+    """Near-miss entity: same building, same place, same first name or any other company."""
     if template == "colour":
         return a[1] == b[1]
     if template == "access_code":
