@@ -33,6 +33,12 @@ _NOTES = (
     "{E} was cleaned last {season} and looks almost new.",
     "The roof of {E} was repaired after a storm in {season}.",
     "{E} shares a parking area with its neighbours.",
+    "A new sign with large letters was put up outside {E} last {season}.",
+    "Deliveries to {E} arrive by truck on Monday and Thursday mornings.",
+    "The windows of {E} face the {landmark} and get the morning sun.",
+    "{E} keeps its records in a grey cabinet next to the main desk.",
+    "The lights at {E} are switched off every evening by the last person to leave.",
+    "A local artist painted a large mural on the side wall of {E}.",
 )
 TASK_KINDS = ("lookup", "manager", "sum", "difference")
 
@@ -88,16 +94,17 @@ def _task(rng: random.Random, fact_tokens: int, kinds: Sequence[str]) -> AgentTa
     values = rng.sample(range(2, 26), count)  # distinct, so a wrong entity gives a wrong answer
     people = [f"{f} {last}" for f, last in zip(rng.sample(C.FIRST_NAMES, count), rng.sample(C.LAST_NAMES, count),
                                                  strict=True)]
-    lines = [unit.format(E=e, n=v) for e, v in zip(names, values, strict=True)]
-    lines += [f"The manager of {e} is {p}." for e, p in zip(names, people, strict=True)]
-    budget = C.target_words(fact_tokens) - sum(C.words(s) for s in lines)
+    order = sorted(range(count), key=lambda k: names[k])
+    facts = [unit.format(E=names[k], n=values[k]) for k in order]
+    facts += [f"The manager of {names[k]} is {people[k]}." for k in order]
+    budget = C.target_words(fact_tokens) - sum(C.words(s) for s in facts)
     notes = [n.format(E=e, landmark=rng.choice(C.LANDMARKS), colour=rng.choice(C.COLOURS),
                       season=rng.choice(C.SEASONS)) for n in _NOTES for e in names]
     rng.shuffle(notes)
+    lines = list(facts)  # facts first, sorted by name: the small model finds them best this way
     while notes and budget > 0:
-        note = notes.pop()
-        lines.insert(rng.randint(0, len(lines)), note)
-        budget -= C.words(note)
+        lines.append(notes.pop())
+        budget -= C.words(lines[-1])
     i, j = rng.sample(range(count), 2)
     kind = rng.choice(list(kinds))
     if kind == "lookup":
@@ -215,17 +222,18 @@ def agent_prompt_segments(pipeline: Pipeline, agent_index: int, task: AgentTask,
                           previous_replies: Sequence[str], chat: ChatFormat = CHATML) -> list[Segment]:
     """Segments of agent ``agent_index``'s prompt; ``previous_replies[k]`` is agent ``k``'s reply.
 
-    Layout: prefix (system turn) | own (user header) | shared question | shared fact sheet |
-    shared replies (chain: the previous agent's, full: all earlier ones) | own (turn instruction,
+    Layout: prefix (system turn) | own (user header) | shared fact sheet | shared replies (chain:
+    the previous agent's, full: all earlier ones) | shared question | own (turn instruction,
     assistant header). Every segment ends with a newline and none starts with whitespace.
     """
     if len(previous_replies) < agent_index:
         raise ValueError(f"agent {agent_index} needs {agent_index} previous replies")
     agent = pipeline.agents[agent_index]
     shown = range(agent_index) if pipeline.topology == "full" else range(max(0, agent_index - 1), agent_index)
-    texts = [f"Question: {task.question}\n", f"Fact sheet:\n{task.facts}"]
+    texts = [f"Fact sheet:\n{task.facts}"]
     texts += [f"Message from the {pipeline.agents[k].name}:\n{previous_replies[k].strip() or '(empty)'}\n"
               for k in shown]
+    texts.append(f"Question: {task.question}\n")
     system = chat.system_open + agent.system_prompt + chat.turn_close
     return [Segment(system, "prefix", "prefix-" + C.content_id(system)),
             Segment(chat.user_open, "own"),
