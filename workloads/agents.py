@@ -12,35 +12,31 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from workloads import corpus as C
 
-# (entity label, unit sentence, question noun, verb for questions)
-_DOMAINS = (
-    ("Warehouse {e}", "{E} holds {n} boxes.", "boxes", "hold"),
-    ("Farm {e}", "{E} has {n} cows.", "cows", "have"),
-    ("Shop {e}", "{E} sold {n} cakes today.", "cakes", "sell"),
-    ("Team {e}", "{E} scored {n} points.", "points", "score"),
+# kind -> (fact line, question); one attribute per fact sheet: mixing attributes confuses small models
+_FACTS = {
+    "age": ("{p} is {n} years old.", "How old is {p}?"),
+    "city": ("{p} lives in {c}.", "In which city does {p} live?"),
+    "count": ("{p} has {n} {unit}.", "How many {unit} does {p} have?"),
+    "sum": ("{p} has {n} {unit}.", "How many {unit} do {p} and {q} have together?"),
+    "difference": ("{p} has {n} {unit}.", "How many more {unit} does {p} have than {q}?"),
+}
+_UNITS = ("books", "coins", "plants", "shirts", "stamps", "candles")
+_NOTES = (  # padding about the same people: no numbers, no cities, no units
+    "{p} works as a {job}.", "{p} enjoys {hobby} on weekends.", "{p} rides a {colour} bicycle to work.",
+    "{p} studied {field} at university.", "{p} drinks a cup of tea every morning.",
+    "{p} is learning to play the piano.", "{p} often visits the {landmark} on Sundays.",
+    "{p} is a close friend of {q}.", "{p} cooks dinner for the whole family on Fridays.",
+    "{p} likes long walks in {season}.", "{p} is a little afraid of spiders.", "{p} wears a {colour} hat in winter.",
+    "{p} writes long letters to an old school friend.", "{p} grows herbs on a sunny balcony.",
+    "{p} sings in a small choir near the {landmark}.", "{p} prefers trains to planes.",
+    "{p} never misses the morning news on the radio.", "{p} once got lost on a walk in the hills.",
 )
-_LABELS = ("A", "B", "C", "D", "E", "F", "G", "H")
-_NOTES = (
-    "{E} is next to the {landmark}.",
-    "{E} opens early on weekdays and closes at noon on Sundays.",
-    "The staff of {E} meet every morning to plan the day.",
-    "{E} has a {colour} door and a small office at the back.",
-    "Visitors to {E} must sign in at the front desk.",
-    "{E} was cleaned last {season} and looks almost new.",
-    "The roof of {E} was repaired after a storm in {season}.",
-    "{E} shares a parking area with its neighbours.",
-    "A new sign with large letters was put up outside {E} last {season}.",
-    "Deliveries to {E} arrive by truck on Monday and Thursday mornings.",
-    "The windows of {E} face the {landmark} and get the morning sun.",
-    "{E} keeps its records in a grey cabinet next to the main desk.",
-    "The lights at {E} are switched off every evening by the last person to leave.",
-    "A local artist painted a large mural on the side wall of {E}.",
-)
-TASK_KINDS = ("lookup", "manager", "sum", "difference")
+TASK_KINDS = ("age", "city", "count", "sum", "difference")
+DEFAULT_KINDS = ("age", "city", "count", "sum")
 
 
 @dataclass(frozen=True)
@@ -88,44 +84,37 @@ CHATML = ChatFormat()
 
 
 def _task(rng: random.Random, fact_tokens: int, kinds: Sequence[str]) -> AgentTask:
-    label, unit, noun, verb = rng.choice(_DOMAINS)
-    count = rng.randint(4, 6)
-    names = [label.format(e=e) for e in rng.sample(_LABELS, count)]
-    values = rng.sample(range(2, 26), count)  # distinct, so a wrong entity gives a wrong answer
-    people = [f"{f} {last}" for f, last in zip(rng.sample(C.FIRST_NAMES, count), rng.sample(C.LAST_NAMES, count),
-                                                 strict=True)]
-    order = sorted(range(count), key=lambda k: names[k])
-    facts = [unit.format(E=names[k], n=values[k]) for k in order]
-    facts += [f"The manager of {names[k]} is {people[k]}." for k in order]
-    budget = C.target_words(fact_tokens) - sum(C.words(s) for s in facts)
-    notes = [n.format(E=e, landmark=rng.choice(C.LANDMARKS), colour=rng.choice(C.COLOURS),
-                      season=rng.choice(C.SEASONS)) for n in _NOTES for e in names]
+    kind = rng.choice(list(kinds))
+    if kind not in _FACTS:
+        raise ValueError(f"unknown task kind {kind!r}; known: {TASK_KINDS}")
+    line, question = _FACTS[kind]
+    people = rng.sample(C.FIRST_NAMES, rng.randint(5, 7))
+    values = rng.sample(range(21, 60) if kind == "age" else range(2, 25), len(people))  # distinct
+    cities = rng.sample(C.CITIES, len(people))
+    unit = rng.choice(_UNITS)
+    facts = [line.format(p=p, n=v, c=c, unit=unit) for p, v, c in zip(people, values, cities, strict=True)]
+    notes = [n.format(p=p, q=rng.choice([x for x in people if x != p]), job=rng.choice(C.JOBS),
+                      hobby=rng.choice(C.HOBBIES), colour=rng.choice(C.COLOURS), field=rng.choice(C.FIELDS),
+                      landmark=rng.choice(C.LANDMARKS), season=rng.choice(C.SEASONS))
+             for n in _NOTES for p in people]
     rng.shuffle(notes)
-    lines = list(facts)  # facts first, sorted by name: the small model finds them best this way
+    lines = list(facts)  # facts first, then notes: the small model finds them best this way
+    budget = C.target_words(fact_tokens) - sum(C.words(f) for f in facts)
     while notes and budget > 0:
         lines.append(notes.pop())
         budget -= C.words(lines[-1])
-    i, j = rng.sample(range(count), 2)
-    kind = rng.choice(list(kinds))
-    if kind == "lookup":
-        question, answer = f"How many {noun} does {names[i]} {verb}?", str(values[i])
-    elif kind == "manager":
-        question, answer = f"Who is the manager of {names[i]}?", people[i]
-    elif kind == "sum":
-        question = f"How many {noun} do {names[i]} and {names[j]} {verb} together?"
-        answer = str(values[i] + values[j])
-    elif kind == "difference":
-        hi, lo = (i, j) if values[i] > values[j] else (j, i)
-        question = f"How many more {noun} does {names[hi]} {verb} than {names[lo]}?"
-        answer = str(values[hi] - values[lo])
-    else:
-        raise ValueError(f"unknown task kind {kind!r}; known: {TASK_KINDS}")
-    aliases = (people[i].split()[1],) if kind == "manager" else ()
-    return AgentTask("".join(f"- {s}\n" for s in lines), question, answer, aliases, kind)
+    i, j = rng.sample(range(len(people)), 2)
+    if kind == "difference" and values[i] < values[j]:
+        i, j = j, i
+    answer = {"age": str(values[i]), "city": cities[i], "count": str(values[i]), "sum": str(values[i] + values[j]),
+              "difference": str(values[i] - values[j])}[kind]
+    aliases = C.CITY_ALIASES.get(answer, ()) if kind == "city" else ()
+    q = question.format(p=people[i], q=people[j], unit=unit)
+    return AgentTask("".join(f"- {s}\n" for s in lines), q, answer, aliases, kind)
 
 
 def make_agent_tasks(n: int, *, seed: int = 0, fact_tokens: int = 300,
-                     kinds: Sequence[str] = TASK_KINDS) -> list[AgentTask]:
+                     kinds: Sequence[str] = DEFAULT_KINDS) -> list[AgentTask]:
     """``n`` tasks, each with a fact sheet of about ``fact_tokens`` tokens (at least its facts)."""
     rng = random.Random(f"agent-tasks-{seed}")
     return [_task(rng, fact_tokens, kinds) for _ in range(n)]
@@ -139,18 +128,19 @@ def check_answer(task: AgentTask, text: str) -> bool:
 # ---------------------------------------------------------------- pipelines
 
 # name -> (role instruction in the system prompt, per-turn instruction in the user turn)
+# The small model follows "... with the fact from the fact sheet" best; "quote"/"copy" derail it.
 ROLES: dict[str, tuple[str, str]] = {
-    "Researcher": ("Your job is to find the facts in the fact sheet that are needed to answer the question "
-                   "and to copy them exactly.", "Copy the facts needed to answer the question."),
-    "Planner": ("Your job is to explain briefly which facts are needed and how to combine them.",
-                "Say which facts are needed and how to use them."),
+    "Researcher": ("Your job is to find the fact in the fact sheet that answers the question.",
+                   "Answer the question with the fact from the fact sheet."),
+    "Planner": ("Your job is to say which facts answer the question and how to combine them.",
+                "Say which fact from the fact sheet answers the question."),
     "Calculator": ("Your job is to work out the answer from the facts, adding or subtracting numbers "
-                   "when the question asks for it.", "Work out the answer from the facts."),
+                   "when the question asks for it.", "Work out the answer with the facts from the fact sheet."),
     "Checker": ("Your job is to check the answer of the previous assistant against the fact sheet and "
-                "to correct it if it is wrong.", "Check the answer and give the correct one."),
+                "to correct it if it is wrong.", "Check the answer and give the correct fact from the fact sheet."),
 }
 FINAL_ROLE = ("Answerer", ("Your job is to give the final answer to the question in one short sentence.",
-                           "Give the final answer in one short sentence."))
+                           "Give the final answer with the fact from the fact sheet."))
 _GUIDELINES = (
     "Read the whole fact sheet before you reply.", "Never invent numbers or names that are not in the facts.",
     "Keep your reply short and clear.", "Use the exact names that appear in the fact sheet.",
@@ -218,13 +208,15 @@ def _turn_instruction(name: str) -> str:
     return FINAL_ROLE[1][1] if name == FINAL_ROLE[0] else ROLES[name][1]
 
 
-def agent_prompt_segments(pipeline: Pipeline, agent_index: int, task: AgentTask,
-                          previous_replies: Sequence[str], chat: ChatFormat = CHATML) -> list[Segment]:
+def agent_prompt_segments(pipeline: Pipeline, agent_index: int, task: AgentTask, previous_replies: Sequence[str],
+                          chat: ChatFormat = CHATML, *,
+                          question_position: Literal["before", "after"] = "before") -> list[Segment]:
     """Segments of agent ``agent_index``'s prompt; ``previous_replies[k]`` is agent ``k``'s reply.
 
-    Layout: prefix (system turn) | own (user header) | shared fact sheet | shared replies (chain:
-    the previous agent's, full: all earlier ones) | shared question | own (turn instruction,
-    assistant header). Every segment ends with a newline and none starts with whitespace.
+    Layout: prefix (system turn) | own (user header) | shared question | shared fact sheet | shared
+    replies (chain: the previous agent's, full: all earlier ones) | own (turn instruction, assistant
+    header); ``question_position="after"`` moves the question after the replies. Every segment ends
+    with a newline and none starts with whitespace.
     """
     if len(previous_replies) < agent_index:
         raise ValueError(f"agent {agent_index} needs {agent_index} previous replies")
@@ -233,7 +225,8 @@ def agent_prompt_segments(pipeline: Pipeline, agent_index: int, task: AgentTask,
     texts = [f"Fact sheet:\n{task.facts}"]
     texts += [f"Message from the {pipeline.agents[k].name}:\n{previous_replies[k].strip() or '(empty)'}\n"
               for k in shown]
-    texts.append(f"Question: {task.question}\n")
+    question = f"Question: {task.question}\n"
+    texts = [question, *texts] if question_position == "before" else [*texts, question]
     system = chat.system_open + agent.system_prompt + chat.turn_close
     return [Segment(system, "prefix", "prefix-" + C.content_id(system)),
             Segment(chat.user_open, "own"),
@@ -242,16 +235,17 @@ def agent_prompt_segments(pipeline: Pipeline, agent_index: int, task: AgentTask,
 
 
 def agent_prompt(pipeline: Pipeline, agent_index: int, task: AgentTask, previous_replies: Sequence[str],
-                 chat: ChatFormat = CHATML) -> str:
+                 chat: ChatFormat = CHATML, **kwargs: Any) -> str:
     """The full prompt text: the concatenation of :func:`agent_prompt_segments`."""
-    return "".join(s.text for s in agent_prompt_segments(pipeline, agent_index, task, previous_replies, chat))
+    return "".join(s.text for s in agent_prompt_segments(pipeline, agent_index, task, previous_replies, chat,
+                                                         **kwargs))
 
 
 def run_pipeline(pipeline: Pipeline, task: AgentTask, generate: Callable[[list[Segment]], str],
-                 chat: ChatFormat = CHATML) -> list[str]:
+                 chat: ChatFormat = CHATML, **kwargs: Any) -> list[str]:
     """Run the agents in order with ``generate(segments) -> reply``; returns every agent's reply
     (the last one is the pipeline's answer)."""
     replies: list[str] = []
     for i in range(len(pipeline.agents)):
-        replies.append(generate(agent_prompt_segments(pipeline, i, task, replies, chat)))
+        replies.append(generate(agent_prompt_segments(pipeline, i, task, replies, chat, **kwargs)))
     return replies

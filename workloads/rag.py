@@ -195,8 +195,8 @@ class RagCorpus:
 
     def sample_example(self, num_docs: int, rng: random.Random, templates: Sequence[str] | None = None) -> RagExample:
         """A random answer document (optionally restricted to ``templates``) plus distractors, shuffled."""
-        pool = [i for i in self.fact_doc_ids
-                if templates is None or self.documents[i].fact.template in templates]  # type: ignore[union-attr]
+        pool = [d.doc_id for d in self.documents
+                if d.fact is not None and (templates is None or d.fact.template in templates)]
         if not pool or num_docs > len(self):
             raise ValueError("corpus too small for the requested examples")
         answer_id = rng.choice(pool)

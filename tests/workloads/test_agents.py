@@ -7,6 +7,8 @@ import re
 import pytest
 
 from workloads.agents import (
+    DEFAULT_KINDS,
+    TASK_KINDS,
     AgentTask,
     Segment,
     agent_prompt,
@@ -19,22 +21,26 @@ from workloads.agents import (
 
 
 def test_tasks_deterministic_and_answers_from_facts() -> None:
-    tasks = make_agent_tasks(40, seed=0)
-    assert tasks == make_agent_tasks(40, seed=0) and tasks != make_agent_tasks(40, seed=1)
-    assert {t.kind for t in tasks} == {"lookup", "manager", "sum", "difference"}
+    tasks = make_agent_tasks(60, seed=0, kinds=TASK_KINDS)
+    assert tasks == make_agent_tasks(60, seed=0, kinds=TASK_KINDS) and tasks != make_agent_tasks(60, seed=1)
+    assert {t.kind for t in tasks} == set(TASK_KINDS)
+    assert {t.kind for t in make_agent_tasks(40, seed=0)} == set(DEFAULT_KINDS)
     for t in tasks:
         assert check_answer(t, t.answer) and all(check_answer(t, a) for a in t.aliases)
-        if t.kind in ("lookup", "manager"):
-            assert check_answer(t, t.facts)
+        if t.kind in ("age", "city", "count"):
+            name = re.findall(r"[A-Z][a-z]+", t.question)[1]  # "How"/"In" first, then the person
+            line = next(x for x in t.facts.splitlines() if x.startswith(f"- {name} "))
+            assert check_answer(t, line)  # the first line about the person states the answer
         assert t.facts.endswith("\n") and t.question.endswith("?")
+    with pytest.raises(ValueError):
+        make_agent_tasks(1, kinds=["nope"])
 
 
 def test_arithmetic_answers() -> None:
     for t in make_agent_tasks(30, seed=3, kinds=["sum", "difference"]):
-        value = {m[1]: int(m[2]) for m in re.finditer(r"^- (\w+ [A-H]) (?:holds|has|sold|scored) (\d+) ", t.facts,
-                                                       re.M)}
-        assert len(value) >= 4 and len(set(value.values())) == len(value)  # distinct values
-        a, b = re.findall(r"(?:Warehouse|Farm|Shop|Team) [A-H]", t.question)
+        value = {m[1]: int(m[2]) for m in re.finditer(r"^- (\w+) has (\d+) \w+\.$", t.facts, re.M)}
+        assert len(value) >= 5 and len(set(value.values())) == len(value)  # distinct values
+        a, b = (w for w in re.findall(r"[A-Z]\w+", t.question)[1:] if w in value)
         assert int(t.answer) == (value[a] + value[b] if t.kind == "sum" else value[a] - value[b])
 
 
@@ -45,9 +51,11 @@ def test_fact_sheet_length() -> None:
 
 
 def test_check_answer_rejects() -> None:
-    t = AgentTask("- Warehouse A holds 12 boxes.\n", "How many boxes does Warehouse A hold?", "12")
-    assert check_answer(t, "Warehouse A holds 12 boxes.") and not check_answer(t, "It holds 112 boxes.")
-    assert not check_answer(t, "13")
+    t = AgentTask("- Anna has 12 books.\n", "How many books does Anna have?", "12")
+    assert check_answer(t, "Anna has 12 books.") and not check_answer(t, "She has 112 books.")
+    assert not check_answer(t, "13") and not check_answer(t, "")
+    city = next(t for t in make_agent_tasks(200, seed=0, kinds=["city"]) if t.aliases)
+    assert check_answer(city, f"In {city.aliases[0]}.") and not check_answer(city, "In Oslo and Lima.")
 
 
 def test_pipeline() -> None:
@@ -65,7 +73,7 @@ def test_pipeline() -> None:
 def test_segments(topology: str) -> None:
     p = make_pipeline(3, topology, seed=1)  # type: ignore[arg-type]
     task = make_agent_tasks(1, seed=1)[0]
-    replies = ["The facts say Warehouse A holds 3 boxes.\n", "So the answer is 3."]
+    replies = ["The facts say Anna holds 3 boxes.\n", "So the answer is 3."]
     per_agent = [agent_prompt_segments(p, i, task, replies[:i]) for i in range(3)]
     for i, segs in enumerate(per_agent):
         assert "".join(s.text for s in segs) == agent_prompt(p, i, task, replies[:i])
@@ -74,11 +82,15 @@ def test_segments(topology: str) -> None:
         assert all(s.segment_id for s in segs if s.kind != "own")
     shared = [{s.segment_id: s.text for s in segs if s.kind == "shared"} for segs in per_agent]
     assert len(shared[0]) == 2 and set(shared[0]) <= set(shared[1]) and set(shared[0]) <= set(shared[2])
-    reply0 = next(k for k, v in shared[1].items() if "Warehouse A holds 3" in v)
+    reply0 = next(k for k, v in shared[1].items() if "Anna holds 3" in v)
     assert (reply0 in shared[2]) == (topology == "full")
     assert len({segs[0].segment_id for segs in per_agent}) == 3
     with pytest.raises(ValueError):
         agent_prompt_segments(p, 2, task, replies[:1])
+    after = agent_prompt_segments(p, 2, task, replies, question_position="after")
+    assert [s.kind for s in after] == ["prefix", "own", *["shared"] * (len(after) - 3), "own"]
+    assert after[-2].text == f"Question: {task.question}\n"
+    assert {s.segment_id for s in after} == {s.segment_id for s in per_agent[2]}
 
 
 def test_run_pipeline() -> None:
