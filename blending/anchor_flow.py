@@ -1,5 +1,11 @@
 """Anchor and hybrid modes of the engine: correct shared segments with the anchor pool, or fall back
-to a dense prefill and learn new anchors from it."""
+to a dense prefill and learn new anchors from it.
+
+A shared segment's *base* KV is its KV from the first real context that computed it (KVCOMM takes it
+from the producing agent); it is stored once under the segment's base key and read by every later
+receiver. A segment without a base yet is computed in place (as ordinary prompt text) and its KV becomes
+the base, so no token is ever computed twice for the pool's sake.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,6 @@ from blending.anchors import AnchorPool
 from blending.cacheblend import BlendConfig, blend
 from blending.fused import FusedKV
 from blending.planner import Plan, PlannedSegment
-from blending.precompute import chunk_kv
 from kvstore.chunk import KVChunk
 from kvstore.keys import ChunkKey
 
@@ -33,6 +38,21 @@ def chunk_contexts(plan: Plan) -> list[tuple[PlannedSegment, str, slice]]:
     return out
 
 
+def _computed(fused: FusedKV, plan: Plan, spans: list[tuple[PlannedSegment, str, slice]],
+              fingerprint: str) -> list[tuple[ChunkKey, KVChunk]]:
+    """What to store after the pass: the exact prefix if it was missing, and the new segments' bases."""
+    out = []
+    head = plan.segments[0]
+    if head.kind == "prefix" and head.cached is None and head.key is not None:
+        n = len(head.token_ids)
+        out.append((head.key, KVChunk(fused.kv[:, :, :, :n].clone(), torch.arange(n), fingerprint)))
+    for seg, _, span in spans:
+        assert seg.key is not None
+        positions = torch.arange(span.start, span.stop)
+        out.append((seg.key, KVChunk(fused.kv[:, :, :, span].clone(), positions, fingerprint)))
+    return out
+
+
 def anchor_prefill(
     adapter: ModelAdapter,
     pool: AnchorPool,
@@ -42,35 +62,39 @@ def anchor_prefill(
     fingerprint: str,
 ) -> tuple[FusedKV, str | None, list[tuple[ChunkKey, KVChunk]]]:
     """Fuse with anchor-corrected chunk KV: no forward pass for reused tokens, then selective recompute
-    when ``hybrid`` is given. Chunks' ``cached`` KV on entry is their standalone base KV; a segment seen
-    for the first time gets its base computed once (standalone), to be shared by every later receiver.
-    When a chunk has no close anchor, runs ``dense`` and learns an anchor for every chunk.
-    Returns (fused KV, fallback reason or None, base KV computed on the way)."""
+    when ``hybrid`` is given. A chunk's ``cached`` KV on entry is its base, or None for a segment seen
+    for the first time (computed in place). When no chunk has a base, or one has no close anchor, runs
+    ``dense`` and learns an anchor for every chunk with a base.
+    Returns (fused KV, fallback reason or None, KV to store: a missing prefix and new bases)."""
     spans = chunk_contexts(plan)
-    bases: dict[ChunkKey, KVChunk] = {}
-    computed: list[tuple[ChunkKey, KVChunk]] = []
-    for seg, _, _ in spans:
-        assert seg.key is not None
-        if seg.cached is None:
-            seg.cached = chunk_kv(adapter, fingerprint, seg.token_ids)
-            computed.append((seg.key, seg.cached))
-        bases[seg.key] = seg.cached
-    reason: str | None = None if spans else "anchor: no shared segments"
-    for seg, context, span in spans:
-        assert seg.key is not None
-        base = bases[seg.key]
-        est = pool.estimate(context, base, torch.arange(span.start, span.stop))
+    known = [(seg, ctx, span) for seg, ctx, span in spans if seg.cached is not None]
+    new = [(seg, ctx, span) for seg, ctx, span in spans if seg.cached is None]
+    reason: str | None = None
+    if not spans:
+        reason = "anchor: no shared segments"
+    elif not known:
+        reason = "anchor: no base KV yet for the shared segments (computed now)"
+    estimates: list[KVChunk] = []
+    for seg, context, span in known if reason is None else []:
+        assert seg.cached is not None
+        est = pool.estimate(context, seg.cached, torch.arange(span.start, span.stop))
         if est.chunk is None:
-            reason = reason or f"anchor: {est.reason}"
-        seg.cached = est.chunk
+            reason = f"anchor: {est.reason}"
+            break
+        estimates.append(est.chunk)
     if reason is None:
-        return blend(adapter, plan.inputs(), hybrid or NO_CHECK), None, computed
-    for seg, _, _ in spans:
-        seg.cached = None
+        bases = [seg.cached for seg, _, _ in known]
+        for (seg, _, _), est_chunk in zip(known, estimates, strict=True):
+            seg.cached = est_chunk
+        try:
+            fused = blend(adapter, plan.inputs(), hybrid or NO_CHECK)
+        finally:
+            for (seg, _, _), base in zip(known, bases, strict=True):
+                seg.cached = base
+        return fused, None, _computed(fused, plan, new, fingerprint)
     fused = dense(plan.token_ids)
-    for seg, context, span in spans:
-        assert seg.key is not None
-        base = bases[seg.key]
+    for seg, context, span in known:
+        assert seg.cached is not None
         real = fused.kv[:, :, :, span]
-        pool.add(context, base.to(real.device), real, torch.arange(span.start, span.stop))
-    return fused, reason, computed
+        pool.add(context, seg.cached.to(real.device), real, torch.arange(span.start, span.stop))
+    return fused, reason, _computed(fused, plan, new, fingerprint)

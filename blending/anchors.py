@@ -1,11 +1,13 @@
 """KVCOMM-style anchor pool: estimate how a shared segment's KV shifts under a receiving context.
 
-An anchor records, for a segment seen under a real context (an agent's prefix and slot), the segment's
-base KV and its observed deviation (real minus base). Both are kept in the position-free frame (keys
-de-rotated to position 0), so an anchor helps at other offsets too. A new occurrence is corrected by a
-similarity-weighted mix of the context's anchor deviations (per layer, keys and values separately);
-when no anchor is close enough or the weights are too flat, the caller falls back to a dense prefill
-and records a new anchor.
+An anchor records, for a segment seen under a real context (an agent's prefix and slot), a summary of
+the segment's base KV (its per-layer, per-head mean over tokens) and the observed deviation (real minus
+base). Both are kept in the position-free frame (keys de-rotated to position 0), so an anchor helps at
+other offsets too. A new occurrence is corrected by a similarity-weighted mix of the deviations of the
+context's ``top_k`` closest anchors (softmax over negative relative distance of base summaries, per
+layer, keys and values separately); when no anchor is close enough or the weights are too flat, the
+caller falls back to a dense prefill and records a new anchor. Matching reads only the summaries, so
+its cost does not grow with the anchors' lengths.
 """
 
 from __future__ import annotations
@@ -38,23 +40,24 @@ class AnchorConfig:
     max_entropy: float = 0.9
     max_distance: float = 1.0
     min_overlap: float = 0.5  # an anchor must cover this share of the segment's tokens
+    top_k: int = 4  # deviations mixed per estimate (the closest anchors)
 
 
 @dataclass(eq=False)  # identity semantics: anchors hold tensors
 class Anchor:
-    base: torch.Tensor  # [L, 2, H, T, D], keys at position 0
-    deviation: torch.Tensor  # same layout: real minus base, keys at position 0
+    summary: torch.Tensor  # [L, 2, H, 1, D]: the base KV's mean over tokens, keys at position 0
+    deviation: torch.Tensor  # [L, 2, H, T, D]: real minus base, keys at position 0
     slot: int = -1  # its place among the context's max_per_context persisted entries
     uses: int = 0
     added: float = field(default_factory=time.monotonic)
 
     @property
     def num_tokens(self) -> int:
-        return int(self.base.shape[3])
+        return int(self.deviation.shape[3])
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.base.numel() * self.base.element_size()
+        return (self.summary.numel() + self.deviation.numel()) * self.deviation.element_size()
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,14 @@ def _frame0(kv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -
     return out
 
 
+def summarize(kv0: torch.Tensor) -> torch.Tensor:
+    """The matching signature of a position-free KV ``[L, 2, H, T, D]``: its mean over tokens."""
+    return kv0.float().mean(dim=3, keepdim=True)
+
+
 class AnchorStore:
-    """Persists anchors in a TieredStore: context ``c``'s slot ``i`` holds two chunks (base and deviation,
-    position-free: their positions are all 0) under keys derived from (c, i). No index is needed: a pool
+    """Persists anchors in a TieredStore: context ``c``'s slot ``i`` holds two chunks (base summary and
+    deviation, position-free: their positions are all 0) under keys derived from (c, i). No index is needed: a pool
     probes a context's slots the first time it sees the context, so instances sharing a tier share anchors."""
 
     def __init__(self, store: TieredStore, fingerprint: str, layout: str, namespace: str = "anchors") -> None:
@@ -95,22 +103,25 @@ class AnchorStore:
         return space.chunk_key([slot, 0]), space.chunk_key([slot, 1])
 
     def save(self, context: str, anchor: Anchor) -> None:
-        base_key, dev_key = self._keys(context, anchor.slot)
+        summary_key, dev_key = self._keys(context, anchor.slot)
         zeros = torch.zeros(anchor.num_tokens, dtype=torch.int64)
+        summary = anchor.summary.to(anchor.deviation.dtype)
         self.store.put_many([(dev_key, KVChunk(anchor.deviation, zeros, self.fingerprint)),
-                             (base_key, KVChunk(anchor.base, zeros, self.fingerprint))])
+                             (summary_key, KVChunk(summary, zeros[:1], self.fingerprint))])
 
     def load(self, context: str, slots: int) -> list[Anchor]:
         keys = [k for slot in range(slots) for k in self._keys(context, slot)]
         found = self.store.get_many(keys)
         out = []
         for slot in range(slots):
-            base, dev = found[2 * slot], found[2 * slot + 1]
-            if base is None or dev is None or base.kv.shape != dev.kv.shape:
+            summary, dev = found[2 * slot], found[2 * slot + 1]
+            if summary is None or dev is None or summary.kv.shape[3] != 1:
                 continue
-            if base.fingerprint != self.fingerprint or dev.fingerprint != self.fingerprint:
+            if summary.kv.shape[:3] + summary.kv.shape[4:] != dev.kv.shape[:3] + dev.kv.shape[4:]:
                 continue
-            out.append(Anchor(base.kv.clone(), dev.kv.clone(), slot=slot))
+            if summary.fingerprint != self.fingerprint or dev.fingerprint != self.fingerprint:
+                continue
+            out.append(Anchor(summary.kv.float(), dev.kv.clone(), slot=slot))
         return out
 
 
@@ -144,13 +155,12 @@ class AnchorPool:
             raise ValueError(f"real KV {tuple(real_kv.shape)} does not match base {tuple(base.kv.shape)}")
         base0 = _frame0(base.kv.float(), base.positions, self.inv_freq)
         real0 = _frame0(real_kv.float(), real_positions, self.inv_freq)
-        dtype = base.kv.dtype
-        anchor = Anchor(base0.to(dtype), (real0 - base0).to(dtype))
+        anchor = Anchor(summarize(base0), (real0 - base0).to(base.kv.dtype))
         self._ensure_loaded(context)
         with self._lock:
             entries = self._anchors.setdefault(context, [])
-            same = next((a for a in entries if a.base.shape == anchor.base.shape and torch.equal(a.base, anchor.base)),
-                        None)
+            same = next((a for a in entries if a.num_tokens == anchor.num_tokens
+                         and torch.equal(a.summary, anchor.summary)), None)
             if same is not None:  # the same segment seen again in this context: refresh, do not duplicate
                 same.deviation = anchor.deviation
                 anchor = same
@@ -221,7 +231,9 @@ class AnchorPool:
         if not anchors:
             return self._miss("no anchor for this context and length", 0, 0.0, math.inf)
         base0 = _frame0(base.kv.float(), base.positions, self.inv_freq)  # [L, 2, H, T, D]
-        rel = torch.stack([self._distance(a, base0) for a in anchors])  # [A, L, 2]
+        query = summarize(base0)
+        norm = query.pow(2).sum(dim=(2, 3, 4)).sqrt().clamp_min(1e-6)  # [L, 2]
+        rel = torch.stack([(a.summary - query).pow(2).sum(dim=(2, 3, 4)).sqrt() / norm for a in anchors])
         closest = float(rel.min(dim=0).values.mean())
         weights = torch.softmax(-rel / self.config.temperature, dim=0)  # per layer, K and V separately
         entropy = 0.0
@@ -232,23 +244,17 @@ class AnchorPool:
             return self._miss("no anchor close enough", len(anchors), entropy, closest)
         if entropy > self.config.max_entropy:
             return self._miss("anchor weights too flat", len(anchors), entropy, closest)
-        devs = torch.stack([_fit(a.deviation.float(), n) for a in anchors])
-        corrected = base0 + (weights[:, :, :, None, None, None] * devs).sum(dim=0)
+        order = weights.mean(dim=(1, 2)).argsort(descending=True)[: self.config.top_k].tolist()
+        top = weights[order] / weights[order].sum(dim=0, keepdim=True)  # [k, L, 2]
+        corrected = base0
+        for w, i in zip(top, order, strict=True):
+            corrected += w[:, :, None, None, None] * _fit(anchors[i].deviation.float(), n)
         corrected[:, 0] = rerotate(corrected[:, 0], torch.zeros_like(new_positions), new_positions, self.inv_freq)
-        top = int(weights.mean(dim=(1, 2)).argmax())
         with self._lock:
-            anchors[top].uses += 1
+            anchors[order[0]].uses += 1
             self.counters["estimates"] += 1
         chunk = KVChunk(corrected.to(base.kv.dtype), new_positions.clone(), base.fingerprint)
         return Estimate(chunk, None, len(anchors), entropy, closest)
-
-    @staticmethod
-    def _distance(anchor: Anchor, base0: torch.Tensor) -> torch.Tensor:
-        """Relative distance per layer, keys and values apart, over the tokens both cover: ``[L, 2]``."""
-        m = min(anchor.num_tokens, base0.shape[3])
-        ours = base0[:, :, :, :m]
-        diff = (anchor.base[:, :, :, :m].float() - ours).pow(2).sum(dim=(2, 3, 4)).sqrt()
-        return diff / ours.pow(2).sum(dim=(2, 3, 4)).sqrt().clamp_min(1e-6)
 
     def _miss(self, reason: str, count: int, entropy: float, distance: float) -> Estimate:
         with self._lock:

@@ -119,7 +119,7 @@ class Engine:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
 
     def plan(self, segments: Sequence[PromptSegment], namespace: str, shared_prefix: bool | None = None) -> Plan:
-        """Tokenize and key the segments (anchor modes key chunks standalone: their base KV)."""
+        """Tokenize and key the segments."""
         tokens = [(s.kind, self.tokenize(s.text)) for s in segments]
         return make_plan(
             tokens,
@@ -127,6 +127,16 @@ class Engine:
             shared_prefix=self.config.shared_prefix if shared_prefix is None else shared_prefix,
             min_chunk_tokens=self.config.min_chunk_tokens,
         )
+
+    def _anchor_plan(self, segments: Sequence[PromptSegment], namespace: str) -> Plan:
+        """Anchor modes key chunks by their anchor base (KV from the first context that computed them)."""
+        plan = self.plan(segments, namespace, shared_prefix=False)
+        spaces = self.spaces(namespace)
+        for seg in plan.segments:
+            if seg.kind == "chunk" and seg.key is not None:
+                seg.key, seg.fallback_key = spaces.base_key(seg.token_ids), None
+        plan.anchored = True
+        return plan
 
     def _lookup(self, plan: Plan) -> None:
         keyed = [s for s in plan.segments if s.key is not None]
@@ -156,7 +166,8 @@ class Engine:
             raise ValueError(f"unknown mode {request.mode!r}; choose one of {', '.join(MODES)}")
         start = time.perf_counter()
         anchored = request.mode in ("anchor", "hybrid")
-        plan = self.plan(request.segments, request.namespace, shared_prefix=False if anchored else None)
+        plan = self._anchor_plan(request.segments, request.namespace) if anchored else self.plan(
+            request.segments, request.namespace)
         if plan.num_tokens == 0:
             raise ValueError("the prompt is empty")
         if plan.num_tokens > self.config.max_prompt_tokens:
@@ -264,7 +275,7 @@ class Engine:
                 items.append((head.key, prefix))
         shared = prefix if plan.shared_prefix else None
         for seg in missing:
-            if seg.kind != "chunk" or seg.key is None:
+            if seg.kind != "chunk" or seg.key is None or plan.anchored:  # anchor bases are stored by prefill
                 continue
             with self.model_lock:
                 items.append((seg.key, chunk_kv(self.adapter, self.fingerprint, seg.token_ids, shared)))

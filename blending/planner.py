@@ -41,6 +41,10 @@ class KeySpaces:
     def prefix_key(self, ids: torch.Tensor) -> ChunkKey:
         return self._space("prefix@0").chunk_key(ids.tolist())
 
+    def base_key(self, ids: torch.Tensor) -> ChunkKey:
+        """Key of a shared segment's anchor base: its KV from the first real context that computed it."""
+        return self._space("anchor-base").chunk_key(ids.tolist())
+
     def chunk_key(self, ids: torch.Tensor, prefix_ids: torch.Tensor | None) -> ChunkKey:
         """Standalone key when ``prefix_ids`` is None, else the key of the chunk computed after them."""
         if prefix_ids is None or len(prefix_ids) == 0:
@@ -72,6 +76,7 @@ class Plan:
     segments: list[PlannedSegment]
     prefix_ids: torch.Tensor | None
     shared_prefix: bool = False  # chunks are keyed (and must be computed) after the prefix
+    anchored: bool = False  # chunks are keyed by their anchor base (anchor and hybrid modes)
     lookup_errors: list[str] = field(default_factory=list)
 
     @property

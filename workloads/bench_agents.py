@@ -32,8 +32,9 @@ METHODS = ("anchor", "hybrid", "blend", "naive")
 def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: int, fact_tokens: int,
         answer_tokens: int, seed: int) -> dict[str, Any]:
     loaded = load_model(ModelSpec())
-    store = TieredStore.from_config(StoreConfig(cpu_bytes=4 << 30))
-    engine = Engine(loaded, store)
+    # One engine (store and anchor pool) per method, so no method learns from another's requests.
+    engines = {m: Engine(loaded, TieredStore.from_config(StoreConfig(cpu_bytes=2 << 30))) for m in ("dense", *METHODS)}
+    engine = engines["dense"]
     pipeline = make_pipeline(num_agents, topology, seed=seed, prefix_tokens=prefix_tokens)  # type: ignore[arg-type]
     eos = loaded.tokenizer.eos_token_id
     params = SamplingParams(max_tokens=answer_tokens, stop_token_ids=(eos,) if eos is not None else ())
@@ -52,29 +53,32 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
             prompt_tokens.append(dense.fused.stats.total_tokens)
             if t >= warmup:
                 rows["dense"].append({"reused": 0.0, "ttft_ratio": 1.0, "agreement": 1.0, "kl": 0.0,
-                                      "ttft_ms": dense.ttft_s * 1000, "final": float(final),
+                                      "ttft_ms": dense.ttft_s * 1000, "final": float(final), "agent": float(a),
                                       "correct": float(final and check_answer(task, text))})
             for method in METHODS:
-                if method in ("blend", "naive"):
-                    engine.writeback(engine.prefill(PrefillRequest(segs, mode="dense")))
-                result = engine.prefill(PrefillRequest(segs, mode=method))  # type: ignore[arg-type]
+                eng = engines[method]
+                result = eng.prefill(PrefillRequest(segs, mode=method))  # type: ignore[arg-type]
+                if method in ("blend", "naive"):  # as the sidecar does: store the chunks after the response
+                    eng.writeback(result)
                 if t < warmup:
                     continue
-                fid = fidelity(engine, result, reference, answer)
+                fid = fidelity(eng, result, reference, answer)
                 correct = 0.0
                 if final:
-                    out = [tok for tok, _ in engine.generate(result, params)]
+                    out = [tok for tok, _ in eng.generate(result, params)]
                     correct = float(check_answer(task, str(loaded.tokenizer.decode(out, skip_special_tokens=True))))
                 rows[method].append({"reused": float(result.mode != "dense"), "ttft_ms": result.ttft_s * 1000,
                                      "ttft_ratio": result.ttft_s / dense.ttft_s, "agreement": fid.agreement,
-                                     "kl": fid.kl, "final": float(final), "correct": correct})
-    store.close()
+                                     "kl": fid.kl, "final": float(final), "agent": float(a), "correct": correct})
+    for eng in engines.values():
+        eng.store.close()
     summary = {m: _summarize(r) for m, r in rows.items() if r}
+    pools = {m: eng.anchor_pool.stats() for m, eng in engines.items() if m in ("anchor", "hybrid") and eng.anchor_pool}
     return {"agents": num_agents, "topology": topology, "mean_prompt_tokens": statistics.fmean(prompt_tokens),
-            "methods": summary, "anchor_pool": engine.anchor_pool.stats() if engine.anchor_pool else {}}
+            "methods": summary, "anchor_pools": pools}
 
 
-def _summarize(rows: list[dict[str, float]]) -> dict[str, float]:
+def _summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
     reused = [r for r in rows if r["reused"]] or rows
     finals = [r for r in rows if r["final"]]
     return {"reuse_rate": statistics.fmean(r["reused"] for r in rows),
@@ -83,6 +87,8 @@ def _summarize(rows: list[dict[str, float]]) -> dict[str, float]:
             "agreement": statistics.fmean(r["agreement"] for r in rows),
             "kl": statistics.fmean(r["kl"] for r in rows),
             "accuracy": statistics.fmean(r["correct"] for r in finals) if finals else float("nan"),
+            "ttft_ratio_by_agent": [statistics.fmean(r["ttft_ratio"] for r in rows if r["agent"] == a)
+                                    for a in sorted({r["agent"] for r in rows})],
             "calls": len(rows)}
 
 
@@ -108,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvfuse bench agents", description=__doc__)
     p.add_argument("--agents", default="2,3,5", help="comma-separated numbers of agents")
     p.add_argument("--topology", choices=["chain", "full"], default="chain")
-    p.add_argument("--tasks", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=4, help="tasks that only warm the anchor pool")
-    p.add_argument("--prefix-tokens", type=int, default=200)
-    p.add_argument("--fact-tokens", type=int, default=400)
+    p.add_argument("--tasks", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2, help="tasks that only warm the anchor pool")
+    p.add_argument("--prefix-tokens", type=int, default=250)
+    p.add_argument("--fact-tokens", type=int, default=650)
     p.add_argument("--answer-tokens", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)

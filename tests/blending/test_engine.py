@@ -107,13 +107,24 @@ def test_warm_then_hit_and_limits(smollm2: LoadedModel, tmp_path: Path) -> None:
 
 def test_anchor_mode_learns_then_reuses(engine: Engine) -> None:
     first = engine.prefill(request((0, 1), mode="anchor"))
-    assert first.mode == "dense" and first.fallback_reason == "anchor: no anchor for this context and length"
-    assert engine.anchor_pool is not None and len(engine.anchor_pool) == 2
-    second = engine.prefill(request((0, 1), mode="anchor"))
-    assert second.mode == "anchor" and second.fallback_reason is None
-    s = second.fused.stats
+    assert first.mode == "dense"
+    assert first.fallback_reason == "anchor: no base KV yet for the shared segments (computed now)"
+    bases = [s.key for s in first.plan.segments if s.kind == "chunk"]
+    assert len(bases) == 2 and all(k is not None and engine.store.contains(k) for k in bases)
+    assert engine.anchor_pool is not None and len(engine.anchor_pool) == 0
+    second = engine.prefill(request((0, 1), mode="anchor"))  # bases known, no anchor yet: learn
+    assert second.mode == "dense" and second.fallback_reason == "anchor: no anchor for this context and length"
+    assert len(engine.anchor_pool) == 2
+    third = engine.prefill(request((0, 1), mode="anchor"))
+    assert third.mode == "anchor" and third.fallback_reason is None
+    s = third.fused.stats
     assert s.recomputed_tokens == 0 and s.reused_tokens > 0  # no forward pass for the reused tokens
     # An anchor identical to the occurrence reproduces the real KV, so the logits match dense.
-    torch.testing.assert_close(second.fused.last_logits, first.fused.last_logits, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(third.fused.last_logits, first.fused.last_logits, atol=2e-3, rtol=1e-3)
+    # A segment seen for the first time is computed in place and becomes a base; the others are reused.
+    mixed = engine.prefill(request((0, 1, 2), mode="anchor"))
+    assert mixed.mode == "anchor" and mixed.chunk_hits == 3 and mixed.chunk_misses == 1
+    assert mixed.fused.stats.reused_tokens == s.reused_tokens
+    assert engine.store.contains(mixed.plan.segments[3].key)  # type: ignore[arg-type]
     hybrid = engine.prefill(request((0, 1), mode="hybrid"))
     assert hybrid.mode == "hybrid" and hybrid.fused.stats.recomputed_tokens > 0
