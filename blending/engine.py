@@ -153,7 +153,7 @@ class Engine:
         if chunk is None:
             return None
         expected = (self.adapter.shape.num_layers, 2) if self.adapter else None
-        if chunk.fingerprint != self.fingerprint or chunk.num_tokens != len(ids) or (
+        if chunk.fingerprint != self.fingerprint or chunk.num_tokens != len(ids) or chunk.dtype != self.model.dtype or (
             expected is not None and tuple(chunk.kv.shape[:2]) != expected
         ):
             plan.lookup_errors.append("cached KV does not match the model or the chunk; ignored")

@@ -61,9 +61,10 @@ class KeySpace:
     namespace: str = "default"
 
     def _seed_bytes(self, kind: bytes) -> bytes:
-        return _SEP.join(
-            [b"kvfuse/v1", kind, self.fingerprint.encode(), self.layout.encode(), self.namespace.encode()]
-        )
+        """The key-space fields, each length-prefixed, so no two different spaces (and no space plus
+        tokens) serialize alike; a plain separator let a field containing it mimic another split."""
+        fields = [b"kvfuse/v2", kind, self.fingerprint.encode(), self.layout.encode(), self.namespace.encode()]
+        return b"".join(len(f).to_bytes(4, "little") + f for f in fields)
 
     def chunk_key(self, token_ids: Sequence[int] | np.ndarray) -> ChunkKey:
         """Position-independent key of a chunk: the same tokens give the same key anywhere in a prompt."""

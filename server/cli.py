@@ -123,6 +123,13 @@ def bench_server(ctx: typer.Context) -> None:
     _bench("bench_server", ctx)
 
 
+@bench_app.command("reliability", context_settings=_PASS, add_help_option=False)
+def bench_reliability(ctx: typer.Context) -> None:
+    """Reliability suites (fuzzing, corruption, tier faults, isolation, load, model mismatch): one table of
+    requests, faults, errors, wrong answers and data lost (--quick, --json, --only)."""
+    _bench("bench_reliability", ctx)
+
+
 def read_documents(files: list[Path], split: bool) -> list[tuple[str, str]]:
     """(source, text) per document: each file one document, or one per blank-line-separated block."""
     docs: list[tuple[str, str]] = []

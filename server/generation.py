@@ -21,6 +21,7 @@ from server.schemas import KVFuseInfo, KVFuseOptions, PromptTokensDetails, Token
 from server.state import ServerState
 
 log = logging.getLogger("kvfuse.server")
+GREEDY_BELOW = 1e-4
 
 
 def token_logprob(tokenizer: Any, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -154,14 +155,17 @@ async def prefill(
 def sampling(
     state: ServerState, max_tokens: int | None, temperature: float, top_p: float, seed: int | None
 ) -> SamplingParams:
+    """Sampling parameters within the service limits. A temperature below :data:`GREEDY_BELOW` is greedy
+    (dividing logits by it would overflow to inf/NaN probabilities); any integer seed is accepted and
+    reduced to the 64 bits a torch generator takes."""
     limit = state.settings.limits.max_completion_tokens
     if max_tokens is not None and max_tokens > limit:
         raise APIError(400, f"max_tokens {max_tokens} exceeds the limit of {limit}", "max_tokens")
     return SamplingParams(
         max_tokens=max_tokens or limit,
-        temperature=temperature,
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=top_p,
-        seed=seed,
+        seed=None if seed is None else seed % (1 << 64),
         stop_token_ids=state.eos_ids,
     )
 

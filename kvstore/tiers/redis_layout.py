@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import msgpack
+import xxhash
 
 from kvstore.errors import CodecError
 from kvstore.keys import ChunkKey
@@ -59,7 +60,11 @@ class KeyLayout:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Describes a striped blob: its codec head and where the payload parts are."""
+    """Describes a striped blob: its codec head and where the payload parts are.
+
+    Stored as ``KVFM`` + xxh3_64 of the body (u64 LE) + msgpack body: a corrupted manifest (say, a changed
+    generation that would point at absent parts) is detected as corrupt, not mistaken for a lost part.
+    """
 
     gen: str
     nparts: int
@@ -75,15 +80,21 @@ class Manifest:
             "pl": self.payload_nbytes,
             "h": self.head,
         }
-        return MANIFEST_MAGIC + msgpack.packb(body, use_bin_type=True)
+        packed = msgpack.packb(body, use_bin_type=True)
+        return MANIFEST_MAGIC + xxhash.xxh3_64_intdigest(packed).to_bytes(8, "little") + packed
 
     @classmethod
     def parse(cls, value: bytes) -> Manifest:
         """Raises :class:`CodecError` when ``value`` is not a well-formed manifest."""
         if not is_manifest(value):
             raise CodecError("not a manifest")
+        body = value[len(MANIFEST_MAGIC) + 8 :]
+        if int.from_bytes(value[len(MANIFEST_MAGIC) : len(MANIFEST_MAGIC) + 8], "little") != xxhash.xxh3_64_intdigest(
+            body
+        ):
+            raise CodecError("manifest checksum mismatch")
         try:
-            m = msgpack.unpackb(value[len(MANIFEST_MAGIC) :], raw=False)
+            m = msgpack.unpackb(body, raw=False)
             gen, n, ps, pl, head = m["g"], m["n"], m["ps"], m["pl"], m["h"]
         except Exception as exc:
             raise CodecError(f"malformed manifest: {exc}") from exc

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -60,6 +60,7 @@ class _Striped:
     head_len: int
     buf: torch.Tensor
     missing: bool = False
+    bad_parts: list[int] = field(default_factory=list)  # parts absent or of the wrong size
 
 
 class RedisTier(Tier):
@@ -134,10 +135,18 @@ class RedisTier(Tier):
         end = min(start + job.part_size, job.buf.numel())
         if not get_into(self.client, job.names[i], job.buf.numpy().data[start:end]):
             job.missing = True
+            job.bad_parts.append(i)  # list.append is atomic: parts load in parallel
+
+    def _parts_present(self, job: _Striped) -> bool:
+        """Whether every part that failed to load exists (so it was truncated or padded, not evicted)."""
+        names = [job.names[i] for i in job.bad_parts]
+        with contextlib.suppress(Exception):
+            return bool(names) and int(cast(int, self.client.exists(*names))) == len(names)
+        return False
 
     def _drop_corrupt(self, key: ChunkKey, exc: Exception) -> None:
         self.stats.add(corrupt=1)
-        log.warning("redis tier: dropping corrupt blob %s (%s)", key.hex, exc)
+        log.warning("redis tier: dropping corrupt blob %s… (%s)", key.hex[:8], exc)
         with contextlib.suppress(TierError):
             self._delete_remote(key)
         self._forget(key)
@@ -178,8 +187,11 @@ class RedisTier(Tier):
             for f in futures:
                 f.result()
         for job in jobs:
+            if job.missing and self._parts_present(job):  # present but of the wrong size: corrupt
+                self._drop_corrupt(job.key, CodecError("a part has the wrong size"))
+                continue
             if job.missing:  # a part expired or was evicted by Redis: drop the orphaned manifest too
-                log.info("redis tier: blob %s lost a part; miss", job.key.hex)
+                log.info("redis tier: blob %s lost a part; miss", job.key.hex[:8])
                 with contextlib.suppress(TierError):
                     self._delete_remote(job.key)
                 self._forget(job.key)

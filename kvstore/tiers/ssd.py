@@ -39,6 +39,13 @@ SUFFIX = ".kvf"
 TMP_SUFFIX = ".tmp"
 
 
+def _reason(exc: BaseException) -> str:
+    """An I/O error without the file name (paths name keys, and keys are not logged)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"[{errno.errorcode.get(exc.errno or 0, exc.errno)}] {exc.strerror}"
+    return str(exc)
+
+
 class SSDTier(Tier):
     """Blob files under ``root`` within ``budget_bytes`` (file sizes); see the module docstring."""
 
@@ -161,7 +168,7 @@ class SSDTier(Tier):
             except OSError:
                 pass
         self.stats.add(corrupt=1)
-        log.warning("ssd tier: removed corrupt blob %s (%s)", key.hex, type(exc).__name__)
+        log.warning("ssd tier: removed corrupt blob %s… (%s)", key.hex[:8], type(exc).__name__)
 
     def _load(self, key: ChunkKey) -> tuple[KVChunk | None, int]:
         with self._lock:
@@ -176,7 +183,7 @@ class SSDTier(Tier):
             return None, 0
         except (OSError, EOFError) as exc:
             self.stats.add(errors=1)
-            raise TierError(f"ssd read failed: {exc}") from exc
+            raise TierError(f"ssd read failed: {_reason(exc)}") from exc
         try:
             return decode_buffer(buf), buf.numel()
         except CodecError as exc:
@@ -226,7 +233,7 @@ class SSDTier(Tier):
             return None
         except OSError as exc:
             self.stats.add(errors=1)
-            raise TierError(f"ssd read failed: {exc}") from exc
+            raise TierError(f"ssd read failed: {_reason(exc)}") from exc
         try:
             verify(blob)
         except CodecError as exc:

@@ -19,5 +19,7 @@ def test_bench_agents_quick(tmp_path: Path) -> None:
     assert set(methods) == {"dense", "anchor", "hybrid", "blend", "naive"}
     assert methods["dense"]["agreement"] == 1.0 and methods["dense"]["reuse_rate"] == 0.0
     assert all(0.0 <= m["agreement"] <= 1.0 and 0.0 <= m["reuse_rate"] <= 1.0 for m in methods.values())
-    assert result["anchor_pool"]["anchors"] > 0
+    assert result["anchor_pools"]["anchor"]["anchors"] > 0
+    # The second agent reuses the question and fact sheet its predecessor computed (the first cannot).
+    assert methods["anchor"]["reuse_rate"] == 0.5
     assert plot.stat().st_size > 1000
