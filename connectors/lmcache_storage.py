@@ -30,6 +30,14 @@ Chunks: LMCache's ``KV_2LTD`` objects ``[2, layers, tokens, heads*head_dim]`` ar
 ``[layers, 2, 1, tokens, dim/2]`` (lossless; partial last chunks keep their token count). The kvfuse key is
 the xxh3-128 of the kvfuse namespace, the memory format and ``CacheEngineKey.to_string()`` (model, world
 size, worker, chunk hash, dtype, tags). Store I/O runs in worker threads, off LMCache's event loop.
+Refused at construction (LMCache then logs it and runs without this remote backend): ``use_layerwise``
+(per-layer ``KV_T2D`` objects), a ``remote_serde`` other than ``naive`` (cachegen/kivi send opaque
+``BINARY`` objects), and a scheduler-role engine (no ``LocalCPUBackend`` metadata). Chunks of hybrid models
+with several KV layer groups are refused per put (LMCache counts them in ``put_failed_count``).
+
+Verified against a full LMCache 0.5.6 install on CPU (``scripts/test-lmcache.sh``,
+``tests/connectors/test_lmcache_real.py``): LMCache's loader builds this class, its ``RemoteBackend``
+puts/gets through it, and one ``LMCacheEngine`` retrieves what another stored.
 """
 
 from __future__ import annotations
@@ -85,6 +93,21 @@ def from_kvchunk(chunk: KVChunk, fmt: Any) -> torch.Tensor:
     return kv[:, :, 0].permute(0, 2, 1, 3).reshape(1, L, T, 2 * half)
 
 
+def _check_config(config: Any) -> None:
+    """Refuse LMCache modes whose chunks are not whole ``KV_2LTD`` / ``KV_MLA_FMT`` tensors, once, up front."""
+    if getattr(config, "use_layerwise", False):
+        raise ValueError("kvfuse's LMCache connector does not support use_layerwise (per-layer KV_T2D objects)")
+    serde = getattr(config, "remote_serde", None) or "naive"
+    if serde != "naive":
+        raise ValueError(f"kvfuse's LMCache connector needs remote_serde 'naive' (kvfuse checksums), not {serde!r}")
+
+
+def _release(obj: Any) -> None:
+    down = getattr(obj, "ref_count_down", None)
+    if down is not None:
+        down()
+
+
 class KvfuseLMCacheConnectorImpl:
     """LMCache ``RemoteConnector`` logic on a TieredStore; use ``KvfuseRemoteConnector`` inside LMCache.
 
@@ -95,8 +118,12 @@ class KvfuseLMCacheConnectorImpl:
     _ENGINE_BASE = False
 
     def __init__(self, loop: Any, local_cpu_backend: Any, config: Any, *, store: TieredStore | None = None):
+        _check_config(config)
+        metadata = getattr(local_cpu_backend, "metadata", None)
         if self._ENGINE_BASE:
-            super().__init__(config, local_cpu_backend.metadata)  # type: ignore[call-arg]
+            if metadata is None:  # LMCache's SafeLocalCPUBackend (scheduler role) carries no metadata
+                raise ValueError("KvfuseRemoteConnector needs LMCache's LocalCPUBackend (a worker-role engine)")
+            super().__init__(config, metadata)  # type: ignore[call-arg]
         self.loop = loop
         self.local_cpu_backend = local_cpu_backend
         extra: dict[str, Any] = dict(getattr(config, "extra_config", None) or {})
@@ -107,7 +134,6 @@ class KvfuseLMCacheConnectorImpl:
         else:
             self._owns_store = False
         self.store = store
-        metadata = getattr(local_cpu_backend, "metadata", None)
         default_fmt = "KV_MLA_FMT" if getattr(metadata, "use_mla", False) else "KV_2LTD"
         self.fmt: Any = getattr(self, "meta_fmt", None) or default_fmt
 
@@ -130,13 +156,23 @@ class KvfuseLMCacheConnectorImpl:
         if obj is None:
             log.warning("kvfuse: LMCache CPU buffer full; chunk not loaded")
             return None
-        obj.tensor.copy_(tensor)
+        try:
+            obj.tensor.copy_(tensor)
+        except BaseException:
+            _release(obj)  # hand the buffer back to LMCache's allocator
+            raise
         return obj
 
     def _put_sync(self, key: Any, memory_obj: Any) -> None:
+        shapes = memory_obj.get_shapes() if hasattr(memory_obj, "get_shapes") else None
+        if shapes is not None and len(shapes) != 1:
+            raise ValueError(f"kvfuse stores single-group LMCache chunks, got {len(shapes)} KV layer groups")
         fmt = getattr(getattr(memory_obj, "metadata", None), "fmt", self.fmt)
         chunk = to_kvchunk(memory_obj.tensor, fmt, f"lmcache/{key.model_name}")
         self.store.put(self._key(key), chunk)
+
+    def remove_sync(self, key: Any) -> bool:
+        return self.store.delete(self._key(key))
 
     # -- LMCache's async API ---------------------------------------------------------------------------------
     async def exists(self, key: Any) -> bool:
@@ -146,10 +182,9 @@ class KvfuseLMCacheConnectorImpl:
         return await asyncio.to_thread(self._get_sync, key)
 
     async def put(self, key: Any, memory_obj: Any) -> None:
-        try:
-            await asyncio.to_thread(self._put_sync, key, memory_obj)
-        except ValueError as exc:
-            log.error("kvfuse: chunk not stored: %s", exc)
+        # The caller owns memory_obj's reference (LMCache's InstrumentedRemoteConnector drops it after this
+        # returns). Errors propagate: LMCache's RemoteBackend logs them and counts put_failed_count.
+        await asyncio.to_thread(self._put_sync, key, memory_obj)
 
     def support_batched_async_contains(self) -> bool:
         return True

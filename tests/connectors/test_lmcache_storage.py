@@ -3,6 +3,7 @@
 LMCache is an optional extra (it pulls cupy/cuda-python): here ``CacheEngineKey``, the memory object and the
 CPU backend's ``allocate`` are duck-typed mirrors of LMCache 0.5.6's (``to_string()``, ``.tensor``,
 ``.metadata.fmt``); with lmcache installed the real base class is checked too (last test, skipped otherwise).
+``test_lmcache_real.py`` runs the plugin inside a full LMCache install (``scripts/test-lmcache.sh``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,33 @@ def test_conversion_is_lossless_and_refuses_unknown_formats() -> None:
     assert chunk.num_tokens == 7 and torch.equal(from_kvchunk(chunk, "KV_2LTD"), t)
     with pytest.raises(ValueError, match="not KV_T2D"):
         to_kvchunk(torch.randn(7, 2, 6), "KV_T2D", "lmcache/m")
+
+
+def test_refusals_removal_and_buffer_release(store: TieredStore) -> None:
+    for bad in ({"use_layerwise": True}, {"remote_serde": "cachegen"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            KvfuseLMCacheConnectorImpl(None, CPUBackend(), SimpleNamespace(extra_config={}, **bad), store=store)
+    conn = KvfuseLMCacheConnectorImpl(None, CPUBackend(), SimpleNamespace(extra_config={}, remote_serde="naive"),
+                                      store=store)
+    key = Key(model_name="m", chunk_hash=7)
+    two_groups = SimpleNamespace(tensor=torch.zeros(2, 1, 4, 8), metadata=SimpleNamespace(fmt="KV_2LTD"),
+                                 get_shapes=lambda: [torch.Size([2, 1, 4, 8])] * 2)
+    with pytest.raises(ValueError, match="2 KV layer groups"):  # errors reach LMCache, which counts them
+        asyncio.run(conn.put(key, two_groups))
+    asyncio.run(conn.put(key, SimpleNamespace(tensor=torch.ones(2, 1, 4, 8), metadata=SimpleNamespace(fmt="KV_2LTD"))))
+    released: list[int] = []
+
+    class Broken:
+        tensor = torch.zeros(3)  # wrong shape: the copy fails after LMCache's allocator handed out a buffer
+
+        def ref_count_down(self) -> None:
+            released.append(1)
+
+    conn.local_cpu_backend.allocate = lambda *a: Broken()
+    with pytest.raises(RuntimeError):
+        asyncio.run(conn.get(key))
+    assert released == [1]
+    assert conn.remove_sync(key) and not conn.exists_sync(key)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lmcache") is None, reason="lmcache not installed (optional extra)")
