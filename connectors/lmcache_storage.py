@@ -49,8 +49,8 @@ from typing import Any
 import torch
 import xxhash
 
+from connectors.common import open_store
 from kvstore.chunk import KVChunk
-from kvstore.config import StoreConfig
 from kvstore.keys import ChunkKey
 from kvstore.store import TieredStore
 
@@ -128,12 +128,7 @@ class KvfuseLMCacheConnectorImpl:
         self.local_cpu_backend = local_cpu_backend
         extra: dict[str, Any] = dict(getattr(config, "extra_config", None) or {})
         self.namespace = str(extra.get("kvfuse_namespace", "default"))
-        if store is None:
-            store = TieredStore.from_config(StoreConfig(**dict(extra.get("kvfuse_store", {}))))
-            self._owns_store = True
-        else:
-            self._owns_store = False
-        self.store = store
+        self.store, self._owns_store = open_store(extra, store)
         default_fmt = "KV_MLA_FMT" if getattr(metadata, "use_mla", False) else "KV_2LTD"
         self.fmt: Any = getattr(self, "meta_fmt", None) or default_fmt
 

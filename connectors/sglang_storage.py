@@ -47,8 +47,8 @@ from typing import Any
 import torch
 import xxhash
 
+from connectors.common import open_store
 from kvstore.chunk import SUPPORTED_DTYPES, KVChunk, dtype_name
-from kvstore.config import StoreConfig
 from kvstore.keys import ChunkKey
 from kvstore.store import TieredStore
 
@@ -237,12 +237,7 @@ class KvfuseHiCacheStorageImpl:
         )
         # MLA replicas share pages: one writer (SGLang's own rule, HiCacheStorageConfig.is_storage_writer).
         self.is_writer = bool(getattr(storage_config, "is_storage_writer", True))
-        if store is None:
-            store = TieredStore.from_config(StoreConfig(**dict(extra.get("kvfuse_store", {}))))
-            self._owns_store = True
-        else:
-            self._owns_store = False
-        self.store = store
+        self.store, self._owns_store = open_store(extra, store)
         self.mem_pool_host: Any = None
         self.spec: SGLangPageSpec | None = None
         self.layout: str = ""

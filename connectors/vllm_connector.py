@@ -38,9 +38,9 @@ import torch
 import xxhash
 
 from blending.fused import FusedKV
+from connectors.common import open_store
 from connectors.engine_hashes import vllm_block_hashes
 from kvstore.chunk import KVChunk
-from kvstore.config import StoreConfig
 from kvstore.keys import ChunkKey
 from kvstore.store import TieredStore
 
@@ -188,12 +188,7 @@ class KvfuseConnectorImpl:
             int(extra.get("kvfuse_tp_rank", self._tp_rank())),
             tp_size,
         )
-        if store is None:
-            store = TieredStore.from_config(StoreConfig(**dict(extra.get("kvfuse_store", {}))))
-            self._owns_store = True
-        else:
-            self._owns_store = False
-        self.store = store
+        self.store, self._owns_store = open_store(extra, store)
         # scheduler side
         self._requests: dict[str, Any] = {}
         self._pending_loads: dict[str, BlockLoad] = {}
