@@ -41,6 +41,7 @@ class AnchorConfig:
     max_distance: float = 1.0
     min_overlap: float = 0.5  # an anchor must cover this share of the segment's tokens
     top_k: int = 4  # deviations mixed per estimate (the closest anchors)
+    apply_deviation: bool = True  # False: reuse the re-rotated base as is (an ablation for the benchmark)
 
 
 @dataclass(eq=False)  # identity semantics: anchors hold tensors
@@ -247,7 +248,7 @@ class AnchorPool:
         order = weights.mean(dim=(1, 2)).argsort(descending=True)[: self.config.top_k].tolist()
         top = weights[order] / weights[order].sum(dim=0, keepdim=True)  # [k, L, 2]
         corrected = base0
-        for w, i in zip(top, order, strict=True):
+        for w, i in zip(top, order, strict=True) if self.config.apply_deviation else ():
             corrected += w[:, :, None, None, None] * _fit(anchors[i].deviation.float(), n)
         corrected[:, 0] = rerotate(corrected[:, 0], torch.zeros_like(new_positions), new_positions, self.inv_freq)
         with self._lock:

@@ -220,9 +220,13 @@ class Engine:
         hybrid = None
         if mode == "hybrid":
             hybrid = replace(self.config.blend, recompute_ratio=self.config.hybrid_ratio if ratio is None else ratio)
-        fused, reason, computed = anchor_prefill(
-            self.adapter, self.anchor_pool, plan, hybrid, self._dense, self.fingerprint
-        )
+        try:
+            fused, reason, computed = anchor_prefill(
+                self.adapter, self.anchor_pool, plan, hybrid, self._dense, self.fingerprint
+            )
+        except (ValueError, RuntimeError) as exc:  # bad cached KV or anchors must never crash a request
+            log.warning("anchor prefill failed (%s); dense fallback", exc)
+            return self._dense(plan.token_ids), "dense", f"anchor failed: {exc}", []
         return fused, "dense" if reason else mode, reason, computed
 
     def _compute(

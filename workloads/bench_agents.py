@@ -1,7 +1,9 @@
 """``kvfuse bench agents``: dense vs anchor correction vs hybrid (vs CacheBlend) on multi-agent pipelines.
 
 Every agent call is run densely (the reference, whose replies feed the next agents so every method sees
-the same prompts) and with each reuse method. Reports reuse rate (calls served without a dense
+the same prompts) and with each reuse method, each with its own store and anchor pool. ``base`` is the
+ablation of anchor mode without the learned deviation (the first context's KV reused as is, re-rotated);
+``blend``/``naive`` reuse chunks keyed after each agent's own prefix. Reports reuse rate (calls served without a dense
 fallback, after warm-up tasks), TTFT ratio to dense (anchor matching and correction included), final
 answer accuracy and fidelity (teacher-forced top-1 agreement, KL) per number of agents.
 """
@@ -17,8 +19,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from blending.anchors import AnchorConfig
 from blending.decode import SamplingParams
-from blending.engine import Engine, PrefillRequest
+from blending.engine import Engine, EngineConfig, PrefillRequest
 from blending.fidelity import dense_answer, fidelity
 from blending.model import ModelSpec, load_model
 from blending.planner import PromptSegment
@@ -26,14 +29,15 @@ from kvstore import StoreConfig, TieredStore
 from workloads.agents import agent_prompt_segments, check_answer, make_agent_tasks, make_pipeline
 
 _KIND = {"prefix": "prefix", "shared": "chunk", "own": "text"}
-METHODS = ("anchor", "hybrid", "blend", "naive")
+METHODS = ("anchor", "hybrid", "base", "blend", "naive")  # base: anchor mode without the deviation (ablation)
 
 
 def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: int, fact_tokens: int,
         answer_tokens: int, seed: int) -> dict[str, Any]:
     loaded = load_model(ModelSpec())
     # One engine (store and anchor pool) per method, so no method learns from another's requests.
-    engines = {m: Engine(loaded, TieredStore.from_config(StoreConfig(cpu_bytes=2 << 30))) for m in ("dense", *METHODS)}
+    engines = {m: Engine(loaded, TieredStore.from_config(StoreConfig(cpu_bytes=2 << 30)),
+                         EngineConfig(anchors=AnchorConfig(apply_deviation=m != "base"))) for m in ("dense", *METHODS)}
     engine = engines["dense"]
     pipeline = make_pipeline(num_agents, topology, seed=seed, prefix_tokens=prefix_tokens)  # type: ignore[arg-type]
     eos = loaded.tokenizer.eos_token_id
@@ -57,7 +61,8 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
                                       "correct": float(final and check_answer(task, text))})
             for method in METHODS:
                 eng = engines[method]
-                result = eng.prefill(PrefillRequest(segs, mode=method))  # type: ignore[arg-type]
+                mode = "anchor" if method == "base" else method
+                result = eng.prefill(PrefillRequest(segs, mode=mode))  # type: ignore[arg-type]
                 if method in ("blend", "naive"):  # as the sidecar does: store the chunks after the response
                     eng.writeback(result)
                 if t < warmup:
@@ -73,7 +78,8 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
     for eng in engines.values():
         eng.store.close()
     summary = {m: _summarize(r) for m, r in rows.items() if r}
-    pools = {m: eng.anchor_pool.stats() for m, eng in engines.items() if m in ("anchor", "hybrid") and eng.anchor_pool}
+    pools = {m: eng.anchor_pool.stats() for m, eng in engines.items()
+             if m in ("anchor", "hybrid", "base") and eng.anchor_pool}
     return {"agents": num_agents, "topology": topology, "mean_prompt_tokens": statistics.fmean(prompt_tokens),
             "methods": summary, "anchor_pools": pools}
 

@@ -44,6 +44,14 @@ def test_identical_anchor_reproduces_real_kv() -> None:
     torch.testing.assert_close(
         est2.chunk.kv[:, 0], rerotate(real[:, 0], positions, moved, adapter.inv_freq), atol=1e-4, rtol=1e-4
     )
+    # The ablation without the deviation reuses the base as is, re-rotated to the new positions.
+    plain = AnchorPool(adapter.inv_freq, AnchorConfig(apply_deviation=False))
+    plain.add("agent-a:0", base, real, positions)
+    est3 = plain.estimate("agent-a:0", base, moved)
+    assert est3.chunk is not None
+    torch.testing.assert_close(est3.chunk.kv[:, 1], base.kv[:, 1])
+    torch.testing.assert_close(est3.chunk.kv[:, 0], rerotate(base.kv[:, 0], base.positions, moved, adapter.inv_freq),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_fallbacks_for_unknown_context_unrelated_segment_and_flat_weights() -> None:

@@ -128,3 +128,17 @@ def test_anchor_mode_learns_then_reuses(engine: Engine) -> None:
     assert engine.store.contains(mixed.plan.segments[3].key)  # type: ignore[arg-type]
     hybrid = engine.prefill(request((0, 1), mode="hybrid"))
     assert hybrid.mode == "hybrid" and hybrid.fused.stats.recomputed_tokens > 0
+
+
+def test_anchor_mode_survives_a_malformed_base(engine: Engine) -> None:
+    """A base of the right length but the wrong head size (e.g. planted through a shared tier) degrades to a
+    dense prefill with a reason instead of failing the request."""
+    plan = engine._anchor_plan(request((0, 1)).segments, "default")
+    seg = next(s for s in plan.segments if s.kind == "chunk")
+    n = len(seg.token_ids)
+    assert seg.key is not None
+    engine.store.put(seg.key, KVChunk(torch.zeros(30, 2, 3, n, 32), torch.arange(n), engine.fingerprint))
+    result = engine.prefill(request((0, 1), mode="anchor"))
+    assert result.mode == "dense" and (result.fallback_reason or "").startswith("anchor failed:")
+    dense = engine.prefill(request((0, 1), mode="dense"))
+    torch.testing.assert_close(result.fused.last_logits, dense.fused.last_logits)

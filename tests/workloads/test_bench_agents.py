@@ -16,7 +16,7 @@ def test_bench_agents_quick(tmp_path: Path) -> None:
     assert bench_agents.main(["--quick", "--json", str(out), "--plot", str(plot)]) == 0
     (result,) = json.loads(out.read_text())
     methods = result["methods"]
-    assert set(methods) == {"dense", "anchor", "hybrid", "blend", "naive"}
+    assert set(methods) == {"dense", "anchor", "hybrid", "base", "blend", "naive"}
     assert methods["dense"]["agreement"] == 1.0 and methods["dense"]["reuse_rate"] == 0.0
     assert all(0.0 <= m["agreement"] <= 1.0 and 0.0 <= m["reuse_rate"] <= 1.0 for m in methods.values())
     assert result["anchor_pools"]["anchor"]["anchors"] > 0
