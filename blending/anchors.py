@@ -58,7 +58,8 @@ class Anchor:
 
     @property
     def nbytes(self) -> int:
-        return (self.summary.numel() + self.deviation.numel()) * self.deviation.element_size()
+        summary, dev = self.summary, self.deviation
+        return summary.numel() * summary.element_size() + dev.numel() * dev.element_size()
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,9 @@ class AnchorStore:
     def save(self, context: str, anchor: Anchor) -> None:
         summary_key, dev_key = self._keys(context, anchor.slot)
         zeros = torch.zeros(anchor.num_tokens, dtype=torch.int64)
-        summary = anchor.summary.to(anchor.deviation.dtype)
+        # The summary stays float32 so that a reloaded anchor matches (and deduplicates) exactly.
         self.store.put_many([(dev_key, KVChunk(anchor.deviation, zeros, self.fingerprint)),
-                             (summary_key, KVChunk(summary, zeros[:1], self.fingerprint))])
+                             (summary_key, KVChunk(anchor.summary.float(), zeros[:1], self.fingerprint))])
 
     def load(self, context: str, slots: int) -> list[Anchor]:
         keys = [k for slot in range(slots) for k in self._keys(context, slot)]

@@ -191,7 +191,9 @@ class Engine:
                 fused, mode, reason = self._compute(plan, mode, reason, request.recompute_ratio)
         end = time.perf_counter()
         if computed and self.config.writeback:
-            self.store.put_many(computed)
+            # Put-if-absent: a base other requests' anchors were learned against is never replaced.
+            present = self.store.contains_many([k for k, _ in computed])
+            self.store.put_many([item for item, here in zip(computed, present, strict=True) if not here])
         if reason:
             log.info("dense fallback: %s", reason)
         keyed = [s for s in plan.segments if s.key is not None]

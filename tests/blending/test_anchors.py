@@ -148,3 +148,22 @@ def test_persistence_round_trip_through_kvstore() -> None:
     other_model = AnchorPool(adapter.inv_freq, persist=AnchorStore(store, "other-fp", "tiny"))
     assert other_model.estimate("agent-a:0", base, positions).reason == "no anchor for this context and length"
     store.close()
+
+
+def test_bfloat16_anchor_reloaded_is_refreshed_not_duplicated() -> None:
+    """A bf16 model's anchors: the byte count covers the float32 summary, and an anchor reloaded from the
+    store is recognised when its segment is observed again."""
+    from blending.anchors import AnchorStore
+    from kvstore import StoreConfig, TieredStore
+
+    inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    kv = torch.randn(2, 2, 1, 4, 8).to(torch.bfloat16)
+    base, real, pos = KVChunk(kv, torch.arange(4), "fp"), (kv.float() + 0.1).to(torch.bfloat16), torch.arange(4)
+    store = TieredStore.from_config(StoreConfig(cpu_bytes=1 << 20))
+    first = AnchorPool(inv, persist=AnchorStore(store, "fp", "tiny"))
+    first.add("c", base, real, pos)
+    assert first.used_bytes == 2 * 2 * 1 * 4 * 8 * 2 + 2 * 2 * 1 * 1 * 8 * 4  # bf16 deviation + fp32 summary
+    second = AnchorPool(inv, persist=AnchorStore(store, "fp", "tiny"))
+    second.add("c", base, real, pos)
+    assert len(second) == 1 and second.used_bytes == first.used_bytes
+    store.close()
