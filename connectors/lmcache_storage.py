@@ -33,7 +33,9 @@ size, worker, chunk hash, dtype, tags). Store I/O runs in worker threads, off LM
 Refused at construction (LMCache then logs it and runs without this remote backend): ``use_layerwise``
 (per-layer ``KV_T2D`` objects), a ``remote_serde`` other than ``naive`` (cachegen/kivi send opaque
 ``BINARY`` objects), and a scheduler-role engine (no ``LocalCPUBackend`` metadata). Chunks of hybrid models
-with several KV layer groups are refused per put (LMCache counts them in ``put_failed_count``).
+with several KV layer groups, and chunks whose memory format is not the connector's (``KV_MLA_FMT`` for MLA
+models, else ``KV_2LTD``: keys and gets use that one), are refused per put (LMCache counts them in
+``put_failed_count``).
 
 Verified against a full LMCache 0.5.6 install on CPU (``scripts/test-lmcache.sh``,
 ``tests/connectors/test_lmcache_real.py``): LMCache's loader builds this class, its ``RemoteBackend``
@@ -162,7 +164,12 @@ class KvfuseLMCacheConnectorImpl:
         shapes = memory_obj.get_shapes() if hasattr(memory_obj, "get_shapes") else None
         if shapes is not None and len(shapes) != 1:
             raise ValueError(f"kvfuse stores single-group LMCache chunks, got {len(shapes)} KV layer groups")
-        fmt = getattr(getattr(memory_obj, "metadata", None), "fmt", self.fmt)
+        fmt = getattr(getattr(memory_obj, "metadata", None), "fmt", None) or self.fmt
+        if _fmt_name(fmt) != _fmt_name(self.fmt):
+            # keys and gets use the connector's format: a chunk stored in another one would be read back wrongly
+            raise ValueError(
+                f"kvfuse's LMCache connector stores {_fmt_name(self.fmt)} chunks; refusing a {_fmt_name(fmt)} chunk"
+            )
         chunk = to_kvchunk(memory_obj.tensor, fmt, f"lmcache/{key.model_name}")
         self.store.put(self._key(key), chunk)
 

@@ -21,14 +21,16 @@ unique per shard by the same suffixes as its file backend: ``_{model}_{tp_rank}_
 no TP part and only the storage-writer rank writes. A kvfuse key is the xxh3-128 of (kvfuse namespace, page
 geometry, dtype, suffixed SGLang key): two pools of different shape never share a key.
 
-Every page is stored canonically, as a :class:`~kvstore.chunk.KVChunk` ``[layers, 2, heads, page, head_dim]``
-with its token positions, whatever host layout wrote it: ``layer_first``, ``page_first``,
+Every page is stored canonically, as a :class:`~kvstore.chunk.KVChunk` ``[layers, 2, heads, page, head_dim]``,
+whatever host layout wrote it: ``layer_first``, ``page_first``,
 ``page_first_direct`` and ``page_head`` (MHA) and ``layer_first`` / ``page_first`` / ``page_first_direct``
 (MLA) pages are converted on the way in and out, so instances with different ``--hicache-mem-layout``
 share pages, and kvfuse can write pages itself (:mod:`connectors.sglang_export`). MLA pages
 ``[layers, page, 1, kv_cache_dim]`` are stored losslessly as ``[layers, 2, 1, page, kv_cache_dim / 2]``
 (the latent's two halves). kvfuse stores float32 / float16 / bfloat16 KV only: an fp8 KV cache is refused
-when the host pool is registered.
+when the host pool is registered. SGLang hands storage backends pages by chained hash, not by position: a
+page is only ever looked up as part of a prefix (the chain fixes where it sits), so the chunk's positions are
+not meaningful and are stored as ``0 .. page_size - 1``.
 
 Both of SGLang's data paths work: the generic one (``batch_get`` into flat pages, ``batch_set`` of flat
 pages) and, with ``"interface_v1": 1`` in the extra config, the zero-copy one (``batch_get_v1`` /
@@ -287,11 +289,12 @@ class KvfuseHiCacheStorageImpl:
         return self.spec
 
     # -- page conversion ------------------------------------------------------------------------------
-    def _chunk(self, flat: torch.Tensor, page_index: int | None = None) -> KVChunk:
+    def _chunk(self, flat: torch.Tensor) -> KVChunk:
         spec = self._spec()
         kv = page_from_flat(flat.detach().to("cpu"), spec, self.layout)
-        start = 0 if page_index is None else page_index
-        return KVChunk(kv, torch.arange(start, start + spec.page_size), spec.fingerprint)
+        # prefix-only pages keyed by chained hashes: the position within the prompt is not known here and is
+        # never used (see the module docstring)
+        return KVChunk(kv, torch.arange(spec.page_size), spec.fingerprint)
 
     def _flat(self, chunk: KVChunk) -> torch.Tensor | None:
         spec = self._spec()
@@ -375,12 +378,19 @@ class KvfuseHiCacheStorageImpl:
         if not self.is_writer:
             return [True] * len(keys)
         spec = self._spec()
-        items = [
-            (spec.key(k), self._chunk(self.mem_pool_host.get_data_page(s, flat=True)))
-            for k, s in zip(keys, starts, strict=True)
-        ]
-        self.store.put_many(items)
-        return [True] * len(keys)
+        items: list[tuple[ChunkKey, KVChunk]] = []
+        ok: list[bool] = []
+        for k, s in zip(keys, starts, strict=True):
+            try:  # as in batch_set: a bad page is reported to SGLang, never raised into its storage thread
+                items.append((spec.key(k), self._chunk(self.mem_pool_host.get_data_page(s, flat=True))))
+            except ValueError as exc:
+                log.error("kvfuse: refusing page %s: %s", k, exc)
+                ok.append(False)
+                continue
+            ok.append(True)
+        if items:
+            self.store.put_many(items)
+        return ok
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def clear(self) -> None:

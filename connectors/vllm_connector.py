@@ -20,18 +20,31 @@ value, the same at export) so vLLM's own GPU prefix cache also keeps their block
 
 Blocks are stored as :class:`~kvstore.chunk.KVChunk` ``[layers, 2, kv_heads, block_size, head_dim]``. vLLM
 0.33 hands connectors per-layer views ``[num_blocks, kv_heads, block_size, head_size + head_size_v]`` (K then
-V in the last axis, any strides); loads and saves index those views directly. Loads run synchronously in
-``start_load_kv``; a block that vanished between lookup and load is reported through
-``get_block_ids_with_load_errors`` so vLLM recomputes it. Saves gather the blocks of newly computed prompts
-layer by layer and store them in ``wait_for_save`` (``"kvfuse_save": false`` turns saving off).
-MLA (a single latent per token) is not supported.
+V in the last axis, any strides); loads and saves index those views directly. A layer's index in the chunk is
+the integer in its name (``model.layers.12.self_attn.attn`` -> 12, as vLLM's ``extract_layer_index``), never
+the order of the ``kv_caches`` dict; names without exactly one integer, duplicate indices and gaps are refused
+(so is pipeline parallelism: a later stage's layers do not start at 0).
+
+Tensor parallelism. Every TP rank stores its own head shard under keys carrying its rank. The scheduler (one
+process) only plans: the connector metadata carries block *hashes*, block ids and the prepared id, and each
+worker builds the keys with its own rank (``get_tensor_model_parallel_rank()``), so rank r loads and saves rank
+r's heads. A lookup counts a block as a hit only when every rank's shard is stored.
+
+Loads run synchronously in ``start_load_kv``; a block that vanished between lookup and load is reported
+through ``get_block_ids_with_load_errors`` so vLLM recomputes it. Saves (``"kvfuse_save": false`` turns them
+off) cover the full blocks of the prompt: each step, the scheduler plans the prompt blocks that this step's
+forward completes, for new requests (``scheduled_new_reqs``) and for the later chunks of a chunked prefill
+(``scheduled_cached_reqs``: their ``new_block_ids`` extend the request's blocks, replacing them when resumed
+after preemption), tracking per request how many leading blocks were already planned. The worker gathers
+those blocks layer by layer (``save_kv_layer``) and stores the ones its rank does not hold yet in
+``wait_for_save``. Generated (decode) tokens are not saved. MLA (a single latent per token) is not supported.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -53,6 +66,7 @@ __all__ = [
     "KvfuseConnectorMetadata",
     "VLLMBlockKeys",
     "export_fused_kv_vllm",
+    "layer_index",
 ]
 _SEP = b"\x1f"
 PREPARED_PARAM = "kvfuse_prepared"
@@ -132,17 +146,30 @@ def export_fused_kv_vllm(
 
 @dataclass
 class BlockLoad:
+    """Blocks to load for one request: vLLM block hashes (each worker keys them with its own TP rank)."""
+
     req_id: str
-    keys: list[ChunkKey]
+    block_hashes: list[bytes]
     block_ids: list[int]
+    prepared_id: str | None = None
 
 
 @dataclass
 class BlockSave:
+    """Consecutive full prompt blocks to save for one request, the first starting at token ``start_token``."""
+
     req_id: str
-    keys: list[ChunkKey]
+    block_hashes: list[bytes]
     block_ids: list[int]
     start_token: int
+
+
+@dataclass
+class _SaveProgress:
+    """Scheduler-side save state of one request: its block ids so far, and how many leading blocks are done."""
+
+    block_ids: list[int]
+    planned: int
 
 
 @dataclass
@@ -151,6 +178,17 @@ class KvfuseConnectorMetadata:
 
     loads: list[BlockLoad] = field(default_factory=list)
     saves: list[BlockSave] = field(default_factory=list)
+
+
+def layer_index(layer_name: str) -> int:
+    """The layer index in a vLLM attention layer name: its one integer component (``model.layers.12.attn`` -> 12)."""
+    ints = [int(part) for part in layer_name.split(".") if part.isdigit()]
+    if len(ints) != 1:
+        raise ValueError(
+            f"kvfuse cannot tell the layer index of KV cache {layer_name!r}: expected exactly one integer "
+            "component in the name (as in 'model.layers.12.self_attn.attn')"
+        )
+    return ints[0]
 
 
 def _get(obj: Any, *names: str, default: Any = None) -> Any:
@@ -191,10 +229,11 @@ class KvfuseConnectorImpl:
         self.store, self._owns_store = open_store(extra, store)
         # scheduler side
         self._requests: dict[str, Any] = {}
+        self._lookup_start: dict[str, int] = {}  # locally computed tokens at the last lookup
         self._pending_loads: dict[str, BlockLoad] = {}
-        self._saved: set[str] = set()
+        self._save_progress: dict[str, _SaveProgress] = {}
         # worker side
-        self._layers: dict[str, torch.Tensor] = {}
+        self._caches: list[torch.Tensor] = []  # by layer index
         self._layer_index: dict[str, int] = {}
         self._save_buf: dict[str, dict[int, torch.Tensor]] = {}
         self._load_errors: set[int] = set()
@@ -232,18 +271,26 @@ class KvfuseConnectorImpl:
         value = params.get(PREPARED_PARAM) if isinstance(params, dict) else None
         return None if value is None else str(value)
 
+    def _present(self, hashes: list[bytes], prepared: str | None) -> list[bool]:
+        """Per block: stored for every TP rank (a rank missing its shard would have to recompute it)."""
+        if not hashes:
+            return []
+        ranks = [replace(self.keys, tp_rank=r) for r in range(max(1, self.keys.tp_size))]
+        flags = self.store.contains_many([k.key(h, prepared) for k in ranks for h in hashes])
+        n = len(hashes)
+        return [all(flags[r * n + i] for r in range(len(ranks))) for i in range(n)]
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens beyond ``num_computed_tokens`` whose KV kvfuse holds (leading blocks, never the last token)."""
         self._requests[request.request_id] = request
+        self._lookup_start[request.request_id] = num_computed_tokens
         prompt = list(request.prompt_token_ids or [])
         usable = max(0, len(prompt) - 1) // self.block_size
         hashes = self._block_hashes(request)[:usable]
         first = num_computed_tokens // self.block_size
         if first >= len(hashes):
             return 0, False
-        prepared = self._prepared_id(request)
-        keys = [self.keys.key(h, prepared) for h in hashes[first:]]
-        present = self.store.contains_many(keys)
+        present = self._present(hashes[first:], self._prepared_id(request))
         hits = present.index(False) if False in present else len(present)
         matched = (first + hits) * self.block_size - num_computed_tokens
         return max(0, matched), False
@@ -252,70 +299,105 @@ class KvfuseConnectorImpl:
         if num_external_tokens <= 0:
             return
         block_ids = list(blocks.get_block_ids()[0])
-        first = int(request.num_computed_tokens) // self.block_size
+        # the external tokens follow the locally computed ones seen at lookup (request.num_computed_tokens is
+        # not updated yet when vLLM calls this)
+        local = self._lookup_start.get(request.request_id, int(request.num_computed_tokens))
+        first = local // self.block_size
         n = num_external_tokens // self.block_size
-        prepared = self._prepared_id(request)
         hashes = self._block_hashes(request)[first : first + n]
         self._pending_loads[request.request_id] = BlockLoad(
-            request.request_id, [self.keys.key(h, prepared) for h in hashes], block_ids[first : first + n]
+            request.request_id, hashes, block_ids[first : first + n], self._prepared_id(request)
         )
 
     def build_connector_meta(self, scheduler_output: Any) -> Any:
         meta = self._new_metadata()
         meta.loads = list(self._pending_loads.values())
         self._pending_loads.clear()
-        if self.save_enabled:
-            loading = {load.req_id for load in meta.loads}
-            for new in scheduler_output.scheduled_new_reqs:
-                request = self._requests.get(new.req_id)
-                if request is None or new.req_id in loading or new.req_id in self._saved:
-                    continue
-                if self._prepared_id(request) is not None:
-                    continue  # a prepared prompt's KV is blended: never publish it as an exact prefix
-                done = int(new.num_computed_tokens) + int(scheduler_output.num_scheduled_tokens[new.req_id])
-                prompt_len = len(request.prompt_token_ids or [])
-                n_full = min(done, prompt_len) // self.block_size
-                first = int(new.num_computed_tokens) // self.block_size
-                hashes = self._block_hashes(request)[first:n_full]
-                if not hashes:
-                    continue
-                keys = [self.keys.key(h) for h in hashes]
-                present = self.store.contains_many(keys)
-                if all(present):
-                    continue
-                block_ids = list(new.block_ids[0])[first:n_full]
-                meta.saves.append(BlockSave(new.req_id, keys, block_ids, first * self.block_size))
-                self._saved.add(new.req_id)
+        if not self.save_enabled:
+            return meta
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            request = self._requests.get(new.req_id)
+            if request is None or self._prepared_id(request) is not None:
+                continue  # a prepared prompt's KV is blended: never publish it as an exact prefix
+            computed = int(new.num_computed_tokens)
+            self._save_progress[new.req_id] = _SaveProgress(list(new.block_ids[0]), computed // self.block_size)
+            self._plan_save(meta, new.req_id, computed, int(scheduled.get(new.req_id, 0)))
+        cached: Any = getattr(scheduler_output, "scheduled_cached_reqs", None)
+        for i, req_id in enumerate(_get(cached, "req_ids", default=[])):
+            progress = self._save_progress.get(req_id)
+            if progress is None:
+                continue
+            new_ids = cached.new_block_ids[i] if i < len(cached.new_block_ids) else None
+            if new_ids is not None:
+                if req_id in (getattr(cached, "resumed_req_ids", None) or ()):
+                    progress.block_ids = list(new_ids[0])  # resumed after preemption: all of its blocks
+                else:
+                    progress.block_ids.extend(new_ids[0])
+            self._plan_save(meta, req_id, int(cached.num_computed_tokens[i]), int(scheduled.get(req_id, 0)))
         return meta
+
+    def _plan_save(self, meta: Any, req_id: str, computed: int, num_scheduled: int) -> None:
+        """Plan saving the full prompt blocks this step's forward completes and that are not planned yet."""
+        request, progress = self._requests.get(req_id), self._save_progress.get(req_id)
+        if request is None or progress is None:
+            return
+        prompt_len = len(request.prompt_token_ids or [])
+        n_full = min(computed + num_scheduled, prompt_len) // self.block_size
+        first = max(progress.planned, computed // self.block_size)
+        if n_full <= first:
+            return
+        hashes = self._block_hashes(request)[first:n_full]
+        block_ids = progress.block_ids[first:n_full]
+        if len(block_ids) != len(hashes):
+            log.warning("kvfuse: request %s has %d blocks for %d prompt blocks; not saved", req_id,
+                        len(progress.block_ids), n_full)
+            return
+        progress.planned = n_full
+        if all(self._present(hashes, None)):
+            return
+        meta.saves.append(BlockSave(req_id, hashes, block_ids, first * self.block_size))
 
     def _new_metadata(self) -> Any:
         return KvfuseConnectorMetadata()
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
+        self._lookup_start.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)
-        self._saved.discard(request.request_id)
+        self._save_progress.pop(request.request_id, None)
         return False, None
 
     # -- worker side --------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Per-layer ``[num_blocks, kv_heads, block_size, 2 * head_dim]`` views, in layer order."""
+        """Per-layer ``[num_blocks, kv_heads, block_size, 2 * head_dim]`` views, keyed by layer name."""
+        by_index: dict[int, str] = {}
         for name, cache in kv_caches.items():
             if cache.dim() != 4 or cache.shape[2] != self.block_size or cache.shape[3] % 2:
                 raise ValueError(
                     f"kvfuse expects [blocks, heads, {self.block_size}, 2*head_dim] KV views; {name} is "
                     f"{tuple(cache.shape)} (MLA and hybrid caches are not supported)"
                 )
-        self._layers = dict(kv_caches)
-        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
+            index = layer_index(name)
+            if index in by_index:
+                raise ValueError(f"KV caches {by_index[index]!r} and {name!r} both have layer index {index}")
+            by_index[index] = name
+        missing = sorted(set(range(len(by_index))) - set(by_index))
+        if missing:
+            raise ValueError(
+                f"kvfuse needs the KV caches of layers 0..{len(by_index) - 1}; layer indices {missing} are missing "
+                f"(got {sorted(by_index)}; pipeline parallelism is not supported)"
+            )
+        self._caches = [kv_caches[by_index[i]] for i in range(len(by_index))]
+        self._layer_index = {name: i for i, name in by_index.items()}
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._connector_metadata
-        if meta is None or not meta.loads or not self._layers:
+        if meta is None or not meta.loads or not self._caches:
             return
-        caches = list(self._layers.values())
+        caches = self._caches
         for load in meta.loads:
-            chunks = self.store.get_many(load.keys)
+            chunks = self.store.get_many([self.keys.key(h, load.prepared_id) for h in load.block_hashes])
             for chunk, block_id in zip(chunks, load.block_ids, strict=True):
                 if chunk is None or not self._fits(chunk, caches[0]):
                     self._load_errors.add(block_id)
@@ -328,7 +410,7 @@ class KvfuseConnectorImpl:
 
     def _fits(self, chunk: KVChunk, cache: torch.Tensor) -> bool:
         ok = (
-            chunk.num_layers == len(self._layers)
+            chunk.num_layers == len(self._caches)
             and chunk.num_kv_heads == cache.shape[1]
             and chunk.num_tokens == self.block_size
             and 2 * chunk.head_dim == cache.shape[3]
@@ -344,8 +426,9 @@ class KvfuseConnectorImpl:
         meta = self._connector_metadata
         if meta is None or not meta.saves:
             return
-        layer = self._layer_index.get(layer_name, len(self._layer_index))
-        self._layer_index.setdefault(layer_name, layer)
+        layer = self._layer_index.get(layer_name)
+        if layer is None:
+            layer = layer_index(layer_name)
         for save in meta.saves:
             ids = torch.tensor(save.block_ids, dtype=torch.long, device=kv_layer.device)
             self._save_buf.setdefault(save.req_id, {})[layer] = kv_layer.index_select(0, ids).to("cpu")
@@ -357,17 +440,23 @@ class KvfuseConnectorImpl:
         items: list[tuple[ChunkKey, KVChunk]] = []
         for save in meta.saves:
             per_layer = self._save_buf.pop(save.req_id, {})
-            if not per_layer or sorted(per_layer) != list(range(len(per_layer))):
+            n_layers = len(self._caches) or len(per_layer)
+            if not per_layer or sorted(per_layer) != list(range(n_layers)):
                 log.warning("kvfuse: incomplete layers for request %s; not saved", save.req_id)
                 continue
-            stacked = torch.stack([per_layer[i] for i in range(len(per_layer))])  # [L, n, H, N, 2D]
+            keys = [self.keys.key(h) for h in save.block_hashes]  # this worker's TP rank
+            present = self.store.contains_many(keys)
+            stacked = torch.stack([per_layer[i] for i in range(n_layers)])  # [L, n, H, N, 2D]
             head_dim = stacked.shape[-1] // 2
-            for j, key in enumerate(save.keys):
+            for j, key in enumerate(keys):
+                if present[j]:
+                    continue
                 block = stacked[:, j]  # [L, H, N, 2D]
                 kv = torch.stack([block[..., :head_dim], block[..., head_dim:]], dim=1).contiguous()
                 lo = save.start_token + j * self.block_size
                 items.append((key, KVChunk(kv, torch.arange(lo, lo + self.block_size), self.keys.model_name)))
-        self.store.put_many(items)
+        if items:
+            self.store.put_many(items)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None

@@ -7,8 +7,9 @@ never in CI: it imports THEIR hashing code, not kvfuse's.
 
 SGLang: ``sglang.srt.mem_cache.cpp_utils.native_hash.get_native_hash`` (the C++ extension behind
 ``mem_cache.utils.get_hash_str``; built on first use with torch's cpp_extension, needs g++ and OpenSSL
-headers) and ``mem_cache.utils.storage_namespace_seed`` logic via ``get_storage_hash_str`` is reproduced by
-calling get_native_hash with the seed digest. vLLM: ``vllm.v1.core.kv_cache_utils.hash_block_tokens`` with
+headers), called with the namespace seed from SGLang's own ``mem_cache.utils.storage_namespace_seed`` (as
+its ``get_storage_hash_str`` does; the script stops if that cannot be imported, it never substitutes its own
+recipe). vLLM: ``vllm.v1.core.kv_cache_utils.hash_block_tokens`` with
 ``vllm.utils.hashing.sha256`` / ``xxhash`` after ``init_none_hash``.
 """
 
@@ -43,33 +44,23 @@ def _cases() -> list[dict[str, Any]]:
 
 
 def sglang_vectors() -> dict[str, Any]:
-    import hashlib
     from array import array
 
     from sglang.srt.mem_cache.cpp_utils.native_hash import get_native_hash
 
-    def seed(extra_key: str | None, cache_salt: str | None) -> str | None:
-        # sglang.srt.mem_cache.utils.storage_namespace_seed, read from the module source when importable
-        try:
-            from sglang.srt.mem_cache.utils import storage_namespace_seed
-
-            return storage_namespace_seed(extra_key, cache_salt)  # type: ignore[no-any-return]
-        except Exception:  # utils imports GPU kernels on some builds: fall back to its documented recipe
-            if extra_key is None and cache_salt is None:
-                return None
-            d = hashlib.sha256(b"sglang-cache-namespace-v1")
-            for part in (extra_key, cache_salt):
-                if part is None:
-                    d.update(b"\x00")
-                else:
-                    e = part.encode()
-                    d.update(b"\x01" + len(e).to_bytes(8, "little") + e)
-            return d.hexdigest()
+    try:
+        from sglang.srt.mem_cache.utils import storage_namespace_seed
+    except Exception as exc:
+        # no fallback to a local copy of the recipe: the vectors would then test kvfuse against itself
+        raise SystemExit(
+            f"cannot import SGLang's storage_namespace_seed (sglang.srt.mem_cache.utils): {exc!r}; "
+            "install the light dependencies scripts/test-engines.sh installs and run this again"
+        ) from exc
 
     out = []
     for case in _cases():
         for ns in ((None, None), ("tenant-a", None), (None, "salt"), ("", "")):
-            prior = seed(*ns)
+            prior = storage_namespace_seed(*ns)
             keys = get_native_hash(array("q", case["tokens"]), bytes.fromhex(prior) if prior else None, case["page"])
             out.append({**case, "extra_key": ns[0], "cache_salt": ns[1], "seed": prior, "hashes": keys})
     # continuing a chain from a given prior hash

@@ -98,6 +98,19 @@ def test_refusals_removal_and_buffer_release(store: TieredStore) -> None:
     assert conn.remove_sync(key) and not conn.exists_sync(key)
 
 
+def test_put_in_another_format_is_refused(store: TieredStore) -> None:
+    """Keys and gets use the connector's format: a chunk in another one must fail the put, not be stored."""
+    conn = KvfuseLMCacheConnectorImpl(None, CPUBackend(), SimpleNamespace(extra_config={}), store=store)
+    key = Key(model_name="m", chunk_hash=9)
+    mla_fmt = SimpleNamespace(name="KV_MLA_FMT")
+    mla = SimpleNamespace(tensor=torch.randn(1, 3, 4, 8), metadata=SimpleNamespace(fmt=mla_fmt))
+    with pytest.raises(ValueError, match="stores KV_2LTD chunks; refusing a KV_MLA_FMT"):
+        asyncio.run(conn.put(key, mla))  # LMCache's RemoteBackend logs it and counts put_failed_count
+    assert not conn.exists_sync(key)
+    asyncio.run(conn.put(key, SimpleNamespace(tensor=torch.randn(2, 3, 4, 8), metadata=SimpleNamespace(fmt="KV_2LTD"))))
+    assert conn.exists_sync(key)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("lmcache") is None, reason="lmcache not installed (optional extra)")
 def test_real_remote_connector_base() -> None:
     try:

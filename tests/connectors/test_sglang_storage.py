@@ -188,6 +188,17 @@ def test_zero_copy_v1_path(store: TieredStore) -> None:
     assert b.batch_get_v1(keys, torch.arange(5)) == [False] * 3  # wrong index count: refused, not misread
 
 
+def test_v1_set_reports_bad_pages_instead_of_raising(store: TieredStore) -> None:
+    """A page the host pool cannot hand out whole is refused (False) like batch_set does, the others stored."""
+    pool = HostPool("layer_first", layers=2, heads=2, head_dim=4, page=4, pages=3)
+    pool.kv_buffer.normal_()
+    keys = sglang_page_hashes(list(range(8)), 4)
+    b = _backend(store, pool, interface_v1=1)
+    # the second page starts 2 slots before the end of the pool: get_data_page gives half a page
+    assert b.batch_set_v1(keys, torch.tensor([0, 1, 2, 3, 10, 11, 12, 13])) == [True, False]
+    assert b.exists(keys[0]) and not b.exists(keys[1])
+
+
 @pytest.mark.parametrize("layout", MLA_LAYOUTS)
 def test_mla_pages_and_single_writer(store: TieredStore, layout: str) -> None:
     pool = HostPool(layout, layers=2, heads=1, head_dim=10, page=2, pages=3, dtype=torch.bfloat16, mla=True)
