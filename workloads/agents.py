@@ -83,11 +83,21 @@ CHATML = ChatFormat()
 # ---------------------------------------------------------------- tasks
 
 
-def _task(rng: random.Random, fact_tokens: int, kinds: Sequence[str]) -> AgentTask:
+@dataclass(frozen=True)
+class _Sheet:
+    kind: str
+    people: list[str]
+    values: list[int]
+    cities: list[str]
+    unit: str
+    facts: str
+
+
+def _sheet(rng: random.Random, fact_tokens: int, kinds: Sequence[str]) -> _Sheet:
     kind = rng.choice(list(kinds))
     if kind not in _FACTS:
         raise ValueError(f"unknown task kind {kind!r}; known: {TASK_KINDS}")
-    line, question = _FACTS[kind]
+    line = _FACTS[kind][0]
     people = rng.sample(C.FIRST_NAMES, rng.randint(5, 7))
     values = rng.sample(range(21, 60) if kind == "age" else range(2, 25), len(people))  # distinct
     cities = rng.sample(C.CITIES, len(people))
@@ -103,21 +113,33 @@ def _task(rng: random.Random, fact_tokens: int, kinds: Sequence[str]) -> AgentTa
     while notes and budget > 0:
         lines.append(notes.pop())
         budget -= C.words(lines[-1])
+    return _Sheet(kind, people, values, cities, unit, "".join(f"- {s}\n" for s in lines))
+
+
+def _ask(rng: random.Random, sheet: _Sheet) -> AgentTask:
+    people, values, cities, kind = sheet.people, sheet.values, sheet.cities, sheet.kind
     i, j = rng.sample(range(len(people)), 2)
     if kind == "difference" and values[i] < values[j]:
         i, j = j, i
     answer = {"age": str(values[i]), "city": cities[i], "count": str(values[i]), "sum": str(values[i] + values[j]),
               "difference": str(values[i] - values[j])}[kind]
     aliases = C.CITY_ALIASES.get(answer, ()) if kind == "city" else ()
-    q = question.format(p=people[i], q=people[j], unit=unit)
-    return AgentTask("".join(f"- {s}\n" for s in lines), q, answer, aliases, kind)
+    q = _FACTS[kind][1].format(p=people[i], q=people[j], unit=sheet.unit)
+    return AgentTask(sheet.facts, q, answer, aliases, kind)
 
 
-def make_agent_tasks(n: int, *, seed: int = 0, fact_tokens: int = 300,
-                     kinds: Sequence[str] = DEFAULT_KINDS) -> list[AgentTask]:
-    """``n`` tasks, each with a fact sheet of about ``fact_tokens`` tokens (at least its facts)."""
+def make_agent_tasks(n: int, *, seed: int = 0, fact_tokens: int = 300, kinds: Sequence[str] = DEFAULT_KINDS,
+                     sheets: int | None = None) -> list[AgentTask]:
+    """``n`` tasks, each with a fact sheet of about ``fact_tokens`` tokens (at least its facts). With
+    ``sheets``, the tasks ask new questions about a pool of that many recurring fact sheets (documents that
+    come back across user requests), task ``i`` about sheet ``i % sheets``."""
     rng = random.Random(f"agent-tasks-{seed}")
-    return [_task(rng, fact_tokens, kinds) for _ in range(n)]
+    if sheets is None:
+        return [_ask(rng, _sheet(rng, fact_tokens, kinds)) for _ in range(n)]
+    if sheets < 1:
+        raise ValueError("sheets must be at least 1")
+    pool = [_sheet(rng, fact_tokens, kinds) for _ in range(sheets)]
+    return [_ask(rng, pool[i % sheets]) for i in range(n)]
 
 
 def check_answer(task: AgentTask, text: str) -> bool:

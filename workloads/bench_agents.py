@@ -33,7 +33,7 @@ METHODS = ("anchor", "hybrid", "base", "blend", "naive")  # base: anchor mode wi
 
 
 def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: int, fact_tokens: int,
-        answer_tokens: int, seed: int) -> dict[str, Any]:
+        answer_tokens: int, seed: int, sheets: int | None = None) -> dict[str, Any]:
     loaded = load_model(ModelSpec())
     # One engine (store and anchor pool) per method, so no method learns from another's requests.
     engines = {m: Engine(loaded, TieredStore.from_config(StoreConfig(cpu_bytes=2 << 30)),
@@ -44,7 +44,7 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
     params = SamplingParams(max_tokens=answer_tokens, stop_token_ids=(eos,) if eos is not None else ())
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in ("dense", *METHODS)}
     prompt_tokens: list[int] = []
-    for t, task in enumerate(make_agent_tasks(tasks, seed=seed, fact_tokens=fact_tokens)):
+    for t, task in enumerate(make_agent_tasks(tasks, seed=seed, fact_tokens=fact_tokens, sheets=sheets)):
         replies: list[str] = []
         for a in range(num_agents):
             segs = tuple(PromptSegment(s.text, _KIND[s.kind])  # type: ignore[arg-type]
@@ -80,8 +80,8 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
     summary = {m: _summarize(r) for m, r in rows.items() if r}
     pools = {m: eng.anchor_pool.stats() for m, eng in engines.items()
              if m in ("anchor", "hybrid", "base") and eng.anchor_pool}
-    return {"agents": num_agents, "topology": topology, "mean_prompt_tokens": statistics.fmean(prompt_tokens),
-            "methods": summary, "anchor_pools": pools}
+    return {"agents": num_agents, "topology": topology, "sheets": sheets,
+            "mean_prompt_tokens": statistics.fmean(prompt_tokens), "methods": summary, "anchor_pools": pools}
 
 
 def _summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
@@ -126,15 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fact-tokens", type=int, default=650)
     p.add_argument("--answer-tokens", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sheets", type=int, help="recurring fact sheets: tasks ask new questions about this many")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     a = p.parse_args(argv)
     if a.quick:
         a.agents, a.tasks, a.warmup, a.prefix_tokens, a.fact_tokens, a.answer_tokens = "2", 2, 1, 60, 80, 4
-    results = [run(int(n), a.topology, a.tasks, a.warmup, a.prefix_tokens, a.fact_tokens, a.answer_tokens, a.seed)
-               for n in a.agents.split(",")]
-    table = Table(title=f"multi-agent reuse ({a.topology}, after {a.warmup} warm-up tasks)")
+    results = [run(int(n), a.topology, a.tasks, a.warmup, a.prefix_tokens, a.fact_tokens, a.answer_tokens, a.seed,
+                   a.sheets) for n in a.agents.split(",")]
+    sheets = f", {a.sheets} recurring fact sheets" if a.sheets else ""
+    table = Table(title=f"multi-agent reuse ({a.topology}{sheets}, after {a.warmup} warm-up tasks)")
     for col in ("agents", "method", "reuse", "TTFT/dense", "TTFT/dense reused", "agreement", "KL", "accuracy"):
         table.add_column(col, justify="right")
     for r in results:

@@ -105,3 +105,13 @@ def test_run_pipeline() -> None:
     replies = run_pipeline(p, task, generate)
     assert replies == ["reply 1", "reply 2", "reply 3"] and len(seen) == 3
     assert any("reply 2" in s.text for s in seen[2]) and not any("reply 1" in s.text for s in seen[2])
+
+
+def test_recurring_fact_sheets() -> None:
+    tasks = make_agent_tasks(6, seed=2, sheets=2)
+    assert tasks[0].facts == tasks[2].facts == tasks[4].facts != tasks[1].facts
+    assert len({t.question for t in tasks}) > 2  # new questions about the same sheets
+    for t in tasks:
+        assert check_answer(t, t.answer)
+    with pytest.raises(ValueError):
+        make_agent_tasks(2, sheets=0)
