@@ -18,6 +18,7 @@ from blending.anchors import AnchorPool
 from blending.cacheblend import BlendConfig, blend
 from blending.fused import FusedKV
 from blending.planner import Plan, PlannedSegment
+from blending.rope import rerotate
 from kvstore.chunk import KVChunk
 from kvstore.keys import ChunkKey
 
@@ -53,6 +54,13 @@ def _computed(fused: FusedKV, plan: Plan, spans: list[tuple[PlannedSegment, str,
     return out
 
 
+def _pair(pool: AnchorPool, seg: PlannedSegment, context: str) -> str:
+    """Anchors are learned per (base origin, receiving context): a deviation says how KV computed in one
+    context shifts in another. An unknown origin (a base computed by another instance) is ``?``."""
+    assert seg.key is not None
+    return f"{pool.origin(seg.key.hex) or '?'}>{context}"
+
+
 def anchor_prefill(
     adapter: ModelAdapter,
     pool: AnchorPool,
@@ -63,12 +71,16 @@ def anchor_prefill(
 ) -> tuple[FusedKV, str | None, list[tuple[ChunkKey, KVChunk]]]:
     """Fuse with anchor-corrected chunk KV: no forward pass for reused tokens, then selective recompute
     when ``hybrid`` is given. A chunk's ``cached`` KV on entry is its base, or None for a segment seen
-    for the first time (computed in place). When no chunk has a base, or one has no close anchor, runs
-    ``dense`` and learns an anchor for every chunk with a base.
+    for the first time (computed in place). A base computed in this very context is reused as is
+    (re-rotated); the others are corrected by anchors of their (origin, context) pair. When no chunk has a
+    base, or one has no close anchor, runs ``dense`` and learns an anchor for every corrected chunk.
     Returns (fused KV, fallback reason or None, KV to store: a missing prefix and new bases)."""
     spans = chunk_contexts(plan)
     known = [(seg, ctx, span) for seg, ctx, span in spans if seg.cached is not None]
     new = [(seg, ctx, span) for seg, ctx, span in spans if seg.cached is None]
+    for seg, ctx, _ in new:
+        assert seg.key is not None
+        pool.note_origin(seg.key.hex, ctx)
     reason: str | None = None
     if not spans:
         reason = "anchor: no shared segments"
@@ -76,8 +88,13 @@ def anchor_prefill(
         reason = "anchor: no base KV yet for the shared segments (computed now)"
     estimates: list[KVChunk] = []
     for seg, context, span in known if reason is None else []:
-        assert seg.cached is not None
-        est = pool.estimate(context, seg.cached, torch.arange(span.start, span.stop))
+        assert seg.cached is not None and seg.key is not None
+        positions = torch.arange(span.start, span.stop)
+        if pool.origin(seg.key.hex) == context:  # computed here before: anchors would only add noise
+            pool.count_same_context()
+            estimates.append(_moved(seg.cached, positions, adapter))
+            continue
+        est = pool.estimate(_pair(pool, seg, context), seg.cached, positions)
         if est.chunk is None:
             reason = f"anchor: {est.reason}"
             break
@@ -93,8 +110,17 @@ def anchor_prefill(
                 seg.cached = base
         return fused, None, _computed(fused, plan, new, fingerprint)
     fused = dense(plan.token_ids)
-    for seg, context, span in known:
+    learn = [(seg, ctx, span) for seg, ctx, span in known
+             if seg.key is not None and pool.origin(seg.key.hex) != ctx]
+    for seg, context, span in learn:
         assert seg.cached is not None
         real = fused.kv[:, :, :, span]
-        pool.add(context, seg.cached.to(real.device), real, torch.arange(span.start, span.stop))
+        pool.add(_pair(pool, seg, context), seg.cached.to(real.device), real, torch.arange(span.start, span.stop))
     return fused, reason, _computed(fused, plan, new, fingerprint)
+
+
+def _moved(base: KVChunk, positions: torch.Tensor, adapter: ModelAdapter) -> KVChunk:
+    """``base`` with its keys re-rotated to ``positions``."""
+    kv = base.kv.clone()
+    kv[:, 0] = rerotate(base.kv[:, 0].float(), base.positions, positions, adapter.inv_freq).to(kv.dtype)
+    return KVChunk(kv, positions.clone(), base.fingerprint)

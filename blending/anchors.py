@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ class AnchorConfig:
     min_overlap: float = 0.5  # an anchor must cover this share of the segment's tokens
     top_k: int = 4  # deviations mixed per estimate (the closest anchors)
     apply_deviation: bool = True  # False: reuse the re-rotated base as is (an ablation for the benchmark)
+    max_origins: int = 1 << 16  # remembered base origins
 
 
 @dataclass(eq=False)  # identity semantics: anchors hold tensors
@@ -139,9 +141,27 @@ class AnchorPool:
         self.persist = persist
         self._anchors: dict[str, list[Anchor]] = {}
         self._loaded: set[str] = set()
+        self._origins: OrderedDict[str, str] = OrderedDict()  # base key -> context that computed the base
         self._lock = threading.Lock()
         self.used_bytes = 0
-        self.counters = {"estimates": 0, "fallbacks": 0, "added": 0, "evicted": 0}
+        self.counters = {"estimates": 0, "fallbacks": 0, "added": 0, "evicted": 0, "same_context": 0}
+
+    def note_origin(self, base_key: str, context: str) -> None:
+        """Remember which context computed a segment's base (the first one wins; bounded, least recent
+        forgotten). Kept in memory: another instance sees the origin as unknown."""
+        with self._lock:
+            self._origins.setdefault(base_key, context)
+            self._origins.move_to_end(base_key)
+            while len(self._origins) > self.config.max_origins:
+                self._origins.popitem(last=False)
+
+    def origin(self, base_key: str) -> str | None:
+        with self._lock:
+            return self._origins.get(base_key)
+
+    def count_same_context(self) -> None:
+        with self._lock:
+            self.counters["same_context"] += 1
 
     def __len__(self) -> int:
         with self._lock:

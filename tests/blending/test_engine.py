@@ -24,8 +24,8 @@ DOCS = [
 QUESTION = "Question: In which city was Bob born?<|im_end|>\n<|im_start|>assistant\n"
 
 
-def request(order: tuple[int, ...], mode: str = "auto", **kw: object) -> PrefillRequest:
-    segs = [PromptSegment(SYSTEM, "prefix"), *(PromptSegment(DOCS[i], "chunk") for i in order)]
+def request(order: tuple[int, ...], mode: str = "auto", system: str = SYSTEM, **kw: object) -> PrefillRequest:
+    segs = [PromptSegment(system, "prefix"), *(PromptSegment(DOCS[i], "chunk") for i in order)]
     return PrefillRequest((*segs, PromptSegment(QUESTION)), mode=mode, **kw)  # type: ignore[arg-type]
 
 
@@ -112,17 +112,22 @@ def test_anchor_mode_learns_then_reuses(engine: Engine) -> None:
     bases = [s.key for s in first.plan.segments if s.kind == "chunk"]
     assert len(bases) == 2 and all(k is not None and engine.store.contains(k) for k in bases)
     assert engine.anchor_pool is not None and len(engine.anchor_pool) == 0
-    second = engine.prefill(request((0, 1), mode="anchor"))  # bases known, no anchor yet: learn
+    again = engine.prefill(request((0, 1), mode="anchor"))  # the bases' own context: reused as they are
+    assert again.mode == "anchor" and engine.anchor_pool.stats()["same_context"] == 2
+    torch.testing.assert_close(again.fused.last_logits, first.fused.last_logits, atol=2e-3, rtol=1e-3)
+    # Under another agent's prefix the bases need anchors: the first time, a dense prefill learns them.
+    other = "<|im_start|>system\nYou are a careful checker.<|im_end|>\n<|im_start|>user\n"
+    second = engine.prefill(request((0, 1), mode="anchor", system=other))
     assert second.mode == "dense" and second.fallback_reason == "anchor: no anchor for this context and length"
     assert len(engine.anchor_pool) == 2
-    third = engine.prefill(request((0, 1), mode="anchor"))
+    third = engine.prefill(request((0, 1), mode="anchor", system=other))
     assert third.mode == "anchor" and third.fallback_reason is None
     s = third.fused.stats
     assert s.recomputed_tokens == 0 and s.reused_tokens > 0  # no forward pass for the reused tokens
     # An anchor identical to the occurrence reproduces the real KV, so the logits match dense.
-    torch.testing.assert_close(third.fused.last_logits, first.fused.last_logits, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(third.fused.last_logits, second.fused.last_logits, atol=2e-3, rtol=1e-3)
     # A segment seen for the first time is computed in place and becomes a base; the others are reused.
-    mixed = engine.prefill(request((0, 1, 2), mode="anchor"))
+    mixed = engine.prefill(request((0, 1, 2), mode="anchor", system=other))
     assert mixed.mode == "anchor" and mixed.chunk_hits == 3 and mixed.chunk_misses == 1
     assert mixed.fused.stats.reused_tokens == s.reused_tokens
     assert engine.store.contains(mixed.plan.segments[3].key)  # type: ignore[arg-type]
