@@ -137,11 +137,18 @@ class RedisTier(Tier):
             job.missing = True
             job.bad_parts.append(i)  # list.append is atomic: parts load in parallel
 
-    def _parts_present(self, job: _Striped) -> bool:
-        """Whether every part that failed to load exists (so it was truncated or padded, not evicted)."""
-        names = [job.names[i] for i in job.bad_parts]
+    def _parts_wrong_size(self, job: _Striped) -> bool:
+        """Whether a part that failed to load exists with a size other than its slot's (truncated or padded:
+        corrupt). Absent parts, or parts back at the right size (a concurrent rewrite of the same content
+        re-created them: part names carry the payload checksum), are a miss, not corruption."""
+        payload = job.buf.numel() - job.head_len
+        expected = [min(job.part_size, payload - i * job.part_size) for i in job.bad_parts]
         with contextlib.suppress(Exception):
-            return bool(names) and int(cast(int, self.client.exists(*names))) == len(names)
+            pipe = self.client.pipeline(transaction=False)
+            for i in job.bad_parts:
+                pipe.strlen(job.names[i])
+            sizes = [int(n) for n in pipe.execute()]
+            return any(0 < n != want for n, want in zip(sizes, expected, strict=True))
         return False
 
     def _drop_corrupt(self, key: ChunkKey, exc: Exception) -> None:
@@ -187,7 +194,7 @@ class RedisTier(Tier):
             for f in futures:
                 f.result()
         for job in jobs:
-            if job.missing and self._parts_present(job):  # present but of the wrong size: corrupt
+            if job.missing and self._parts_wrong_size(job):
                 self._drop_corrupt(job.key, CodecError("a part has the wrong size"))
                 continue
             if job.missing:  # a part expired or was evicted by Redis: drop the orphaned manifest too
