@@ -18,7 +18,6 @@ from blending.anchors import AnchorPool
 from blending.cacheblend import BlendConfig, blend
 from blending.fused import FusedKV
 from blending.planner import Plan, PlannedSegment
-from blending.rope import rerotate
 from kvstore.chunk import KVChunk
 from kvstore.keys import ChunkKey
 
@@ -92,7 +91,7 @@ def anchor_prefill(
         positions = torch.arange(span.start, span.stop)
         if pool.origin(seg.key.hex) == context:  # computed here before: anchors would only add noise
             pool.count_same_context()
-            estimates.append(_moved(seg.cached, positions, adapter))
+            estimates.append(seg.cached)  # blend re-rotates it from its stored positions
             continue
         est = pool.estimate(_pair(pool, seg, context), seg.cached, positions)
         if est.chunk is None:
@@ -118,9 +117,3 @@ def anchor_prefill(
         pool.add(_pair(pool, seg, context), seg.cached.to(real.device), real, torch.arange(span.start, span.stop))
     return fused, reason, _computed(fused, plan, new, fingerprint)
 
-
-def _moved(base: KVChunk, positions: torch.Tensor, adapter: ModelAdapter) -> KVChunk:
-    """``base`` with its keys re-rotated to ``positions``."""
-    kv = base.kv.clone()
-    kv[:, 0] = rerotate(base.kv[:, 0].float(), base.positions, positions, adapter.inv_freq).to(kv.dtype)
-    return KVChunk(kv, positions.clone(), base.fingerprint)
