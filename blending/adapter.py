@@ -41,7 +41,7 @@ class ModelAdapter:
     """Runs a decoder one layer at a time over a chosen set of tokens.
 
     KV buffers are ``[layers, 2, kv_heads, N, head_dim]`` in the model dtype; ``N`` is the length of the
-    whole sequence; a token's index in the buffer is its rotary position minus ``position_offset``.
+    whole sequence; a token's index in the buffer is its rotary position.
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
@@ -97,7 +97,13 @@ class ModelAdapter:
 
     @property
     def inv_freq(self) -> torch.Tensor:
-        """The rotary inverse frequencies the model uses (after its rope scaling), float32."""
+        """The rotary inverse frequencies of positions below the trained length (after the model's rope
+        scaling), float32. Dynamic NTK rescales ``rotary.inv_freq`` in place during a long forward pass and
+        resets it only on the next short one, so re-rotation reads the frozen original instead: it must not
+        depend on what earlier requests ran."""
+        original = getattr(self.rotary, "original_inv_freq", None)
+        if self.rope_type == "dynamic" and original is not None:
+            return original.to(torch.float32)
         return self.rotary.inv_freq.to(torch.float32)
 
     def empty_kv(self, num_tokens: int) -> torch.Tensor:
