@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
+import torch
 import xxhash
 
 from kvstore.errors import CodecError
@@ -103,3 +106,32 @@ class Manifest:
         if not ok or n != math.ceil(pl / ps):
             raise CodecError("malformed manifest")
         return cls(gen, n, ps, pl, head)
+
+
+@dataclass
+class StripedRead:
+    """A manifest being read: where its parts go, and what went wrong fetching them."""
+
+    index: int
+    key: ChunkKey
+    names: list[bytes]
+    part_size: int
+    head_len: int
+    buf: torch.Tensor
+    value: bytes = b""  # the manifest as read (cleanup deletes the main key only if it still holds this)
+    missing: bool = False
+    bad_parts: list[int] = field(default_factory=list)  # parts absent or of the wrong size
+
+
+def parts_wrong_size(client: Any, job: StripedRead) -> bool:
+    """Whether a part that failed to load exists with a size other than its slot's (truncated or padded:
+    corrupt). Absent parts, or parts present at the right size (a read racing a write), are a miss."""
+    payload = job.buf.numel() - job.head_len
+    expected = [min(job.part_size, payload - i * job.part_size) for i in job.bad_parts]
+    with contextlib.suppress(Exception):
+        pipe = client.pipeline(transaction=False)
+        for i in job.bad_parts:
+            pipe.strlen(job.names[i])
+        sizes = [int(n) for n in pipe.execute()]
+        return any(0 < n != want for n, want in zip(sizes, expected, strict=True))
+    return False

@@ -3,17 +3,19 @@
 Key layout (``P`` = ``{key_prefix}:{namespace}:``)::
 
     P{<key hex>}               the whole codec blob (when it fits one stripe), or a manifest
-    P{<key hex>}:<gen>:<i>     payload part i of a striped blob; <gen> = payload checksum
+    P{<key hex>}:<gen>:<i>     payload part i of a striped blob; <gen>: unique per write (redis_atomic)
 
 A manifest (``KVFM`` + msgpack: codec head, part count/size, payload length, gen) is written with
 ``SET ... GET`` only after every part is stored, so a manifest is never visible without its parts; the
-reply names the previous generation, whose parts are then deleted. Readers fetch the manifest, then the
-parts in parallel, reassemble and verify the codec checksums; a missing part (expired, evicted by Redis) is
-a clean miss. The hash tag ``{<key hex>}`` keeps a blob's keys on one cluster slot.
+reply names the previous generation, whose parts are then deleted. ``put_if_absent`` writes the main key
+with ``SET ... NX`` instead (a loser unlinks its own parts). Readers fetch the manifest, then the parts in
+parallel, reassemble and verify the codec checksums; a missing part (expired, evicted by Redis) is a clean
+miss, and the cleanup that follows deletes only the value that was read (compare-and-delete), never a
+newer one. The hash tag ``{<key hex>}`` keeps a blob's keys on one cluster slot.
 
 Budget: the tier tracks the bytes of blobs it wrote itself and evicts its own keys (by policy) beyond
 ``budget_bytes``. Redis' ``maxmemory`` (with an ``allkeys-*`` policy) is the hard bound for the server,
-which other clients share. Needs Redis >= 6.2 (``SET ... GET``, ``GETDEL``).
+which other clients share. Needs Redis >= 6.2 (``SET ... GET``, ``GETDEL``) with Lua scripting.
 """
 
 from __future__ import annotations
@@ -24,12 +26,10 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import cast
 
 import numpy as np
-import torch
 from redis.cluster import RedisCluster
 
 from kvstore.chunk import KVChunk
@@ -39,28 +39,15 @@ from kvstore.hostmem import empty_host
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import Evicted, Tier
 from kvstore.tiers.eviction import EvictionPolicy, make_policy
+from kvstore.tiers.redis_atomic import CompareAndDelete, unique_gen
 from kvstore.tiers.redis_client import make_client, translate_errors
 from kvstore.tiers.redis_fastpath import get_into
-from kvstore.tiers.redis_layout import KeyLayout, Manifest, is_manifest, stripe_plan
+from kvstore.tiers.redis_layout import KeyLayout, Manifest, StripedRead, is_manifest, parts_wrong_size, stripe_plan
 from kvstore.tiers.stats import TierStats
 
 log = logging.getLogger(__name__)
 
 _PART_TTL_MARGIN_MS = 60_000
-
-
-@dataclass
-class _Striped:
-    """A manifest being read: where its parts go."""
-
-    index: int
-    key: ChunkKey
-    names: list[bytes]
-    part_size: int
-    head_len: int
-    buf: torch.Tensor
-    missing: bool = False
-    bad_parts: list[int] = field(default_factory=list)  # parts absent or of the wrong size
 
 
 class RedisTier(Tier):
@@ -106,6 +93,7 @@ class RedisTier(Tier):
             max_connections=4 * io_threads + 8,
         )
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix=f"kvstore-{name}")
+        self._cad = CompareAndDelete(self.client)
         self._io_threads = io_threads
 
     @property
@@ -130,33 +118,28 @@ class RedisTier(Tier):
         groups = [names[i : i + step] for i in range(0, len(names), step)]
         return [cast(bytes | None, v) for vals in self._pool.map(self.client.mget, groups) for v in vals]
 
-    def _fetch_part(self, job: _Striped, i: int) -> None:
+    def _fetch_part(self, job: StripedRead, i: int) -> None:
         start = job.head_len + i * job.part_size
         end = min(start + job.part_size, job.buf.numel())
         if not get_into(self.client, job.names[i], job.buf.numpy().data[start:end]):
             job.missing = True
             job.bad_parts.append(i)  # list.append is atomic: parts load in parallel
 
-    def _parts_wrong_size(self, job: _Striped) -> bool:
-        """Whether a part that failed to load exists with a size other than its slot's (truncated or padded:
-        corrupt). Absent parts, or parts back at the right size (a concurrent rewrite of the same content
-        re-created them: part names carry the payload checksum), are a miss, not corruption."""
-        payload = job.buf.numel() - job.head_len
-        expected = [min(job.part_size, payload - i * job.part_size) for i in job.bad_parts]
-        with contextlib.suppress(Exception):
-            pipe = self.client.pipeline(transaction=False)
-            for i in job.bad_parts:
-                pipe.strlen(job.names[i])
-            sizes = [int(n) for n in pipe.execute()]
-            return any(0 < n != want for n, want in zip(sizes, expected, strict=True))
-        return False
+    def _parts_wrong_size(self, job: StripedRead) -> bool:
+        return parts_wrong_size(self.client, job)
 
-    def _drop_corrupt(self, key: ChunkKey, exc: Exception) -> None:
+    def _drop_read(self, key: ChunkKey, value: bytes, parts: Sequence[bytes] | None = None) -> None:
+        """Delete the value read under ``key`` and its parts (``None``: those its manifest names, if any),
+        unless another writer replaced it since."""
+        with contextlib.suppress(TierError), translate_errors(self.client, "delete", self.stats):
+            if self._cad(self.main_key(key), value, parts or ()) and parts is None and is_manifest(value):
+                self._delete_parts(key, value)
+        self._forget(key)
+
+    def _drop_corrupt(self, key: ChunkKey, exc: Exception, value: bytes, parts: Sequence[bytes] | None = None) -> None:
         self.stats.add(corrupt=1)
         log.warning("redis tier: dropping corrupt blob %s… (%s)", key.hex[:8], exc)
-        with contextlib.suppress(TierError):
-            self._delete_remote(key)
-        self._forget(key)
+        self._drop_read(key, value, parts)
 
     def get(self, key: ChunkKey) -> KVChunk | None:
         return self.get_many([key])[0]
@@ -167,7 +150,7 @@ class RedisTier(Tier):
         nbytes = 0
         with translate_errors(self.client, "get", self.stats):
             values = self._mget([self.main_key(k) for k in keys]) if keys else []
-            jobs: list[_Striped] = []
+            jobs: list[StripedRead] = []
             for i, (key, value) in enumerate(zip(keys, values, strict=True)):
                 try:
                     if value is None:
@@ -183,11 +166,11 @@ class RedisTier(Tier):
                         buf = empty_host(len(m.head) + m.payload_nbytes)
                         buf.numpy()[: len(m.head)] = np.frombuffer(m.head, dtype=np.uint8)
                         names = self.layout.part_names(key, m.gen, m.nparts)
-                        jobs.append(_Striped(i, key, names, m.part_size, len(m.head), buf))
+                        jobs.append(StripedRead(i, key, names, m.part_size, len(m.head), buf, value))
                     else:
                         raise CodecError("value is neither a blob nor a manifest")
                 except CodecError as exc:
-                    self._drop_corrupt(key, exc)
+                    self._drop_corrupt(key, exc, value or b"")
             futures = [
                 self._pool.submit(self._fetch_part, job, p) for job in jobs for p in range(len(job.names))
             ]
@@ -195,19 +178,17 @@ class RedisTier(Tier):
                 f.result()
         for job in jobs:
             if job.missing and self._parts_wrong_size(job):
-                self._drop_corrupt(job.key, CodecError("a part has the wrong size"))
+                self._drop_corrupt(job.key, CodecError("a part has the wrong size"), job.value, job.names)
                 continue
             if job.missing:  # a part expired or was evicted by Redis: drop the orphaned manifest too
                 log.info("redis tier: blob %s lost a part; miss", job.key.hex[:8])
-                with contextlib.suppress(TierError):
-                    self._delete_remote(job.key)
-                self._forget(job.key)
+                self._drop_read(job.key, job.value, job.names)
                 continue
             try:
                 out[job.index] = decode_buffer(job.buf)
                 nbytes += job.buf.numel()
             except CodecError as exc:
-                self._drop_corrupt(job.key, exc)
+                self._drop_corrupt(job.key, exc, job.value, job.names)
         with self._lock:
             for key, chunk in zip(keys, out, strict=True):
                 if chunk is not None:
@@ -235,9 +216,12 @@ class RedisTier(Tier):
     def _set_value(self, name: bytes, value: bytes | memoryview, px: int | None) -> None:
         self.client.set(name, value, px=px)
 
-    def _submit_parts(self, key: ChunkKey, enc: EncodedBlob) -> tuple[str, bytes, list[Future[None]]]:
-        """Start writing ``enc``'s payload parts; returns (gen, manifest, futures)."""
-        gen = f"{enc.checksum:016x}"
+    def _submit_parts(
+        self, key: ChunkKey, enc: EncodedBlob
+    ) -> tuple[str, bytes, list[bytes], list[Future[None]]]:
+        """Start writing ``enc``'s payload parts under a generation of their own; returns (gen, manifest,
+        part names, futures)."""
+        gen = unique_gen(enc.checksum)
         n, ps = stripe_plan(enc.payload.nbytes, self.stripe_bytes)
         names = self.layout.part_names(key, gen, n)
         px = None if self.ttl_ms is None else self.ttl_ms + _PART_TTL_MARGIN_MS
@@ -245,7 +229,7 @@ class RedisTier(Tier):
             self._pool.submit(self._set_value, names[i], enc.payload[i * ps : (i + 1) * ps], px)
             for i in range(n)
         ]
-        return gen, Manifest(gen, n, ps, enc.payload.nbytes, enc.head).to_bytes(), futures
+        return gen, Manifest(gen, n, ps, enc.payload.nbytes, enc.head).to_bytes(), names, futures
 
     def put(self, key: ChunkKey, chunk: KVChunk, *, owned: bool = False) -> list[Evicted]:
         return self.put_many([(key, chunk)], owned=owned)
@@ -269,7 +253,7 @@ class RedisTier(Tier):
                 if enc.nbytes <= self.stripe_bytes:
                     mains.append((key, enc.to_bytes(), None))
                 else:
-                    gen, manifest, parts = self._submit_parts(key, enc)
+                    gen, manifest, _, parts = self._submit_parts(key, enc)
                     futures += parts
                     mains.append((key, manifest, gen))
             for f in futures:
@@ -286,6 +270,54 @@ class RedisTier(Tier):
         evicted += self._evict(victims)
         self.stats.record_put(len(sizes), sum(sizes.values()), time.perf_counter() - start)
         return evicted
+
+    def put_many_if_absent(
+        self, items: Sequence[tuple[ChunkKey, KVChunk]], *, owned: bool = False
+    ) -> tuple[list[bool], list[Evicted]]:
+        """``SET NX`` of each main key, after its parts: of all clients of the server exactly one stores a
+        key. A loser (or a failed call) unlinks the parts it wrote, of its own generation."""
+        start = time.perf_counter()
+        first: dict[ChunkKey, int] = {}
+        for j, (key, _) in enumerate(items):
+            first.setdefault(key, j)
+        stored = [False] * len(items)
+        evicted: list[Evicted] = []
+        mains: list[tuple[int, bytes, list[bytes], int]] = []  # (item index, value, own part names, size)
+        futures: list[Future[None]] = []
+        won: list[bool] = []
+        with translate_errors(self.client, "put", self.stats):
+            todo = sorted(first.values())
+            present = self.contains_many([items[j][0] for j in todo])  # no uploads for keys already there
+            try:
+                for j in (j for j, p in zip(todo, present, strict=True) if not p):
+                    enc = encode_parts(items[j][1])
+                    if enc.nbytes > self._budget:
+                        self.stats.add(evictions=1)
+                        evicted.append(items[j])
+                    elif enc.nbytes <= self.stripe_bytes:
+                        mains.append((j, enc.to_bytes(), [], enc.nbytes))
+                    else:
+                        _, manifest, names, parts = self._submit_parts(items[j][0], enc)
+                        futures += parts
+                        mains.append((j, manifest, names, enc.nbytes))
+                wait(futures)
+                for f in futures:
+                    f.result()
+                pipe = self.client.pipeline(transaction=False)
+                for j, value, _, _ in mains:
+                    pipe.set(self.main_key(items[j][0]), value, px=self.ttl_ms, nx=True)
+                won = [bool(r) for r in pipe.execute()] if mains else []
+            finally:
+                lost = [n for i, (_, _, names, _) in enumerate(mains) if i >= len(won) or not won[i] for n in names]
+                if lost:
+                    with contextlib.suppress(Exception):
+                        self.client.unlink(*lost)
+        winners = {items[j][0]: size for (j, _, _, size), ok in zip(mains, won, strict=True) if ok}
+        for (j, _, _, _), ok in zip(mains, won, strict=True):
+            stored[j] = ok
+        evicted += self._evict(self._account(winners))
+        self.stats.record_put(len(winners), sum(winners.values()), time.perf_counter() - start)
+        return stored, evicted
 
     def _account(self, sizes: dict[ChunkKey, int]) -> list[ChunkKey]:
         """Track newly written blobs; returns the keys to evict to stay within budget."""

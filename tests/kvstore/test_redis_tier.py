@@ -161,17 +161,16 @@ def test_forged_manifest_is_corrupt(redis_url: str) -> None:
 
 
 def test_part_recreated_by_a_concurrent_rewrite_is_not_corruption(redis_url: str) -> None:
-    """A reader can miss a part that a concurrent writer deleted and re-created with the same content (part
-    names carry the payload checksum). Only a part present at another size than its slot's is corrupt."""
-    from kvstore.tiers.redis_layout import Manifest
-    from kvstore.tiers.redis_tier import _Striped
+    """A reader can miss a part that a concurrent write is still creating, or that Redis evicted: a miss.
+    Only a part present at another size than its slot's is corrupt."""
+    from kvstore.tiers.redis_layout import Manifest, StripedRead
 
     r = _raw(redis_url)
     tier = RedisTier(redis_url, 1 << 30, stripe_bytes=4096)
     tier.put(key(1), make_chunk(64))
     m = Manifest.parse(r.get(tier.main_key(key(1))))
     names = tier.layout.part_names(key(1), m.gen, m.nparts)
-    job = _Striped(0, key(1), names, m.part_size, len(m.head), torch.empty(len(m.head) + m.payload_nbytes,
+    job = StripedRead(0, key(1), names, m.part_size, len(m.head), torch.empty(len(m.head) + m.payload_nbytes,
                                                                           dtype=torch.uint8))
     job.bad_parts.append(1)
     assert not tier._parts_wrong_size(job)  # back at its size: a race, a miss at worst
