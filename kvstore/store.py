@@ -226,6 +226,56 @@ class TieredStore:
         with self._counter_lock:
             self._puts += len(items)
 
+    def put_if_absent(self, key: ChunkKey, chunk: KVChunk) -> bool:
+        """Store ``chunk`` unless ``key`` is held anywhere; ``True`` when this call stored it."""
+        return self.put_many_if_absent([(key, chunk)])[0]
+
+    def put_many_if_absent(self, items: Items) -> list[bool]:
+        """First-writer-wins publication: per item, ``True`` when this call stored it.
+
+        A key that any tier already holds is not written (``False``). Otherwise the lowest tier, the one
+        shared most widely (Redis if configured, else SSD, else memory), decides atomically which of all
+        concurrent writers, in this process or any other store on the same medium, stores it; only the
+        winner then writes its chunk to the top tier and the write-through tiers above. If that tier cannot
+        be reached, the next one up decides (logged: first-writer-wins then holds only among the writers
+        sharing that tier). A key repeated in ``items`` is stored at most once (its first item).
+        """
+        items = list(items)
+        stored = [False] * len(items)
+        first: dict[ChunkKey, int] = {}
+        for j, (key, _) in enumerate(items):
+            first.setdefault(key, j)
+        todo = sorted(first.values())
+        held = self.contains_many([items[j][0] for j in todo])
+        todo = [j for j, h in zip(todo, held, strict=True) if not h]
+        if not todo:
+            return stored
+        batch = [items[j] for j in todo]
+        for i in reversed(range(len(self._tiers))):
+            tier = self._tiers[i]
+            ok, result = self._call(i, "put_if_absent", tier.put_many_if_absent, batch)
+            if ok and result is not None:
+                break
+            log.warning("put_if_absent: tier %s cannot decide (%s); asking the tier above", tier.name,
+                        self._health[i].last_error or "backing off")
+        else:
+            return stored
+        won, evicted = result
+        self._demote(i, evicted)
+        winners = [item for item, w in zip(batch, won, strict=True) if w]
+        if winners:
+            between = [j for j in range(1, i) if self._modes[j] == "write-through"]
+            futures = [self._writers.submit(self._write, j, winners, False) for j in between]
+            if i != 0:
+                self._write(0, winners, False)
+            for f in futures:
+                f.result()
+        for j, w in zip(todo, won, strict=True):
+            stored[j] = w
+        with self._counter_lock:
+            self._puts += len(winners)
+        return stored
+
     def put_blob(
         self, key: ChunkKey, blob: bytes | bytearray | memoryview, expected_fingerprint: str | None = None
     ) -> KVChunk:

@@ -33,6 +33,8 @@ class Tier(ABC):
     - Failures: :class:`~kvstore.errors.TierUnavailableError` when the medium cannot be reached (the store
       backs off), :class:`~kvstore.errors.TierError` for other failures of one operation (e.g. disk full);
       both are counted in ``stats.errors``. Reads keep working after a failed write.
+    - ``put_if_absent``/``put_many_if_absent`` store only keys the tier does not hold and say which they
+      stored; a chunk larger than the whole budget is not stored (``False``) and comes back as evicted.
     - ``used_bytes <= budget_bytes`` after every operation returns.
     """
 
@@ -68,6 +70,32 @@ class Tier(ABC):
         for key, chunk in items:
             evicted.extend(self.put(key, chunk, owned=owned))
         return evicted
+
+    def put_if_absent(self, key: ChunkKey, chunk: KVChunk, *, owned: bool = False) -> tuple[bool, list[Evicted]]:
+        """Store ``chunk`` only if ``key`` is absent: (whether this call stored it, evicted entries).
+
+        The built-in tiers decide atomically against every concurrent writer they share the medium with
+        (memory: other threads; SSD: other processes on the directory; Redis: every client of the server).
+        This default is check-then-put, atomic against nothing: override it in a tier that can do better.
+        """
+        stored, evicted = self.put_many_if_absent([(key, chunk)], owned=owned)
+        return stored[0], evicted
+
+    def put_many_if_absent(
+        self, items: Sequence[tuple[ChunkKey, KVChunk]], *, owned: bool = False
+    ) -> tuple[list[bool], list[Evicted]]:
+        """:meth:`put_if_absent` per item; a key repeated in ``items`` is stored at most once (first item)."""
+        stored: list[bool] = []
+        evicted: list[Evicted] = []
+        seen: set[ChunkKey] = set()
+        for key, chunk in items:
+            if key in seen or self.contains(key):
+                stored.append(False)
+                continue
+            seen.add(key)
+            evicted.extend(self.put(key, chunk, owned=owned))
+            stored.append(True)
+        return stored, evicted
 
     @abstractmethod
     def contains(self, key: ChunkKey) -> bool:

@@ -91,6 +91,27 @@ class MemoryTier(Tier):
         )
         return out
 
+    def _insert_locked(self, key: ChunkKey, stored: KVChunk) -> list[Evicted]:
+        """Put ``stored`` under ``key`` (replacing), evicting to fit; the caller holds ``_lock``."""
+        size = stored.nbytes
+        evicted: list[Evicted] = []
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._used -= old.nbytes
+            self._policy.remove(key)
+        while self._used + size > self._budget:
+            victim = self._policy.victim()
+            if victim is None:  # pragma: no cover - accounting invariant
+                break
+            self._policy.remove(victim)
+            gone = self._entries.pop(victim)
+            self._used -= gone.nbytes
+            evicted.append((victim, gone))
+        self._entries[key] = stored
+        self._used += size
+        self._policy.insert(key, size)
+        return evicted
+
     def put(self, key: ChunkKey, chunk: KVChunk, *, owned: bool = False) -> list[Evicted]:
         start = time.perf_counter()
         size = chunk.nbytes
@@ -98,26 +119,41 @@ class MemoryTier(Tier):
             self.stats.add(evictions=1)
             return [(key, chunk)]
         stored = self._adopt(chunk, owned)
-        evicted: list[Evicted] = []
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._used -= old.nbytes
-                self._policy.remove(key)
-            while self._used + size > self._budget:
-                victim = self._policy.victim()
-                if victim is None:  # pragma: no cover - accounting invariant
-                    break
-                self._policy.remove(victim)
-                gone = self._entries.pop(victim)
-                self._used -= gone.nbytes
-                evicted.append((victim, gone))
-            self._entries[key] = stored
-            self._used += size
-            self._policy.insert(key, size)
+            evicted = self._insert_locked(key, stored)
         self.stats.add(evictions=len(evicted))
         self.stats.record_put(1, size, time.perf_counter() - start)
         return evicted
+
+    def put_many_if_absent(
+        self, items: Sequence[tuple[ChunkKey, KVChunk]], *, owned: bool = False
+    ) -> tuple[list[bool], list[Evicted]]:
+        """Atomic per key under the tier's lock: of concurrent callers, exactly one stores a key."""
+        start = time.perf_counter()
+        stored: list[bool] = []
+        evicted: list[Evicted] = []
+        nbytes = 0
+        for key, chunk in items:
+            if chunk.nbytes > self._budget:
+                self.stats.add(evictions=1)
+                evicted.append((key, chunk))
+                stored.append(False)
+                continue
+            with self._lock:
+                present = key in self._entries
+            # copy outside the lock (as put does); the decision is taken again under it
+            copy = None if present else self._adopt(chunk, owned)
+            won = False
+            with self._lock:
+                if copy is not None and key not in self._entries:
+                    gone = self._insert_locked(key, copy)
+                    evicted.extend(gone)
+                    self.stats.add(evictions=len(gone))
+                    won = True
+            stored.append(won)
+            nbytes += chunk.nbytes if won else 0
+        self.stats.record_put(sum(stored), nbytes, time.perf_counter() - start)
+        return stored, evicted
 
     def contains(self, key: ChunkKey) -> bool:
         with self._lock:

@@ -6,7 +6,8 @@ the directory is fsynced, so after a crash a file is either the complete old blo
 or absent. ``fsync="never"`` skips both fsyncs: faster, and a crash can then leave a file that fails its
 checksum, which is detected and removed like any corrupt file. Leftover temp files, truncated or corrupt
 blobs are removed at start (counted in ``stats.corrupt``); a blob that fails its checksum on read is
-removed and reported as a miss. One process owns a directory at a time (the index lives in memory).
+removed and reported as a miss. One process owns a directory at a time (the index lives in memory), except
+for put-if-absent: it publishes with ``os.link`` (fails if the name exists), atomically across processes.
 Reads and batch writes use ``io_threads`` parallel file operations (SSDs need queue depth).
 """
 
@@ -24,19 +25,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 from kvstore.chunk import KVChunk
-from kvstore.codec import PREFIX_SIZE, decode_buffer, encode_parts, header_nbytes, peek_header, verify
+from kvstore.codec import EncodedBlob, decode_buffer, encode_parts, verify
 from kvstore.errors import CodecError, TierError
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import Evicted, Tier
 from kvstore.tiers.eviction import EvictionPolicy, make_policy
 from kvstore.tiers.fileio import fsync_dir, read_file, unlink_quiet, write_new_file
+from kvstore.tiers.ssd_scan import SUFFIX, TMP_SUFFIX, scan_blobs
 from kvstore.tiers.stats import TierStats
 
 log = logging.getLogger(__name__)
 
 FsyncPolicy = Literal["always", "never"]
-SUFFIX = ".kvf"
-TMP_SUFFIX = ".tmp"
+__all__ = ["SUFFIX", "TMP_SUFFIX", "FsyncPolicy", "SSDTier"]
 
 
 def _reason(exc: BaseException) -> str:
@@ -96,41 +97,11 @@ class SSDTier(Tier):
         return os.path.join(head, f".{tail}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
 
     # -- start-up scan --------------------------------------------------------------------------------
-    def _valid_file(self, path: str, size: int) -> bool:
-        try:
-            with open(path, "rb") as f:
-                prefix = f.read(PREFIX_SIZE)
-                head = prefix + f.read(max(0, header_nbytes(prefix) - PREFIX_SIZE))
-            return peek_header(head).total_nbytes == size
-        except (OSError, CodecError):
-            return False
-
     def _scan(self) -> None:
-        found: list[tuple[int, ChunkKey, int]] = []
-        corrupt = 0
-        for sub in os.scandir(self.root):
-            if not (sub.is_dir() and len(sub.name) == 2):
-                continue
-            self._dirs.add(sub.path)
-            for entry in os.scandir(sub.path):
-                name = entry.name
-                if name.endswith(TMP_SUFFIX):
-                    unlink_quiet(entry.path)
-                    corrupt += 1
-                    continue
-                if not name.endswith(SUFFIX):
-                    continue
-                try:
-                    key = ChunkKey.from_hex(name[: -len(SUFFIX)])
-                except ValueError:
-                    continue
-                st = entry.stat()
-                if key.hex[:2] != sub.name or not self._valid_file(entry.path, st.st_size):
-                    unlink_quiet(entry.path)
-                    corrupt += 1
-                    continue
-                found.append((st.st_mtime_ns, key, st.st_size))
-        for _, key, size in sorted(found, key=lambda e: e[0]):
+        scan = scan_blobs(self.root)
+        self._dirs |= scan.dirs
+        corrupt = scan.corrupt
+        for _, key, size in sorted(scan.found, key=lambda e: e[0]):
             self._index[key] = size
             self._policy.insert(key, size)
             self._used += size
@@ -252,6 +223,49 @@ class SSDTier(Tier):
         write_new_file(tmp, pieces, fsync=self.fsync == "always")
         return tmp
 
+    def _admit_locked(self, key: ChunkKey, size: int) -> list[tuple[ChunkKey, str]]:
+        """Index ``key``'s file of ``size`` bytes, moving victims' files aside to stay within budget (returned
+        for :meth:`_drain`); the caller holds ``_lock``."""
+        aside: list[tuple[ChunkKey, str]] = []
+        old = self._index.pop(key, None)
+        if old is not None:
+            self._used -= old
+            self._policy.remove(key)
+        while self._used + size > self._budget and (victim := self._policy.victim()) is not None:
+            self._policy.remove(victim)
+            self._used -= self._index.pop(victim)
+            vpath, vaside = self.path_of(victim), self._aside(self.path_of(victim))
+            try:
+                os.replace(vpath, vaside)
+                aside.append((victim, vaside))
+            except OSError:
+                pass
+        self._index[key] = size
+        self._used += size
+        self._policy.insert(key, size)
+        return aside
+
+    def _stage(self, key: ChunkKey, enc: EncodedBlob) -> str:
+        """Write ``enc`` to a fresh temp file next to ``key``'s final name; returns the temp path."""
+        try:
+            return self._write_temp(self.path_of(key), (enc.head, enc.payload))
+        except OSError as exc:
+            self.stats.add(errors=1)
+            reason = errno.errorcode.get(exc.errno or 0, str(exc))
+            raise TierError(f"ssd write failed ({reason}): {exc.strerror}") from exc
+
+    def _published(self, key: ChunkKey, aside: list[tuple[ChunkKey, str]], size: int, start: float) -> list[Evicted]:
+        """After a new file took its final name: make the name durable, drop victims, count the put."""
+        if self.fsync == "always":
+            try:
+                fsync_dir(os.path.dirname(self.path_of(key)))
+            except OSError as exc:  # the data is written; only its durability is in doubt
+                log.warning("ssd tier: directory fsync failed: %s", exc.strerror)
+        evicted = self._drain(aside)
+        self.stats.add(evictions=len(aside))
+        self.stats.record_put(1, size, time.perf_counter() - start)
+        return evicted
+
     def put(self, key: ChunkKey, chunk: KVChunk, *, owned: bool = False) -> list[Evicted]:
         start = time.perf_counter()
         enc = encode_parts(chunk)
@@ -259,46 +273,73 @@ class SSDTier(Tier):
         if size > self._budget:
             self.stats.add(evictions=1)
             return [(key, chunk)]
-        path = self.path_of(key)
-        try:
-            tmp = self._write_temp(path, (enc.head, enc.payload))
-        except OSError as exc:
-            self.stats.add(errors=1)
-            reason = errno.errorcode.get(exc.errno or 0, str(exc))
-            raise TierError(f"ssd write failed ({reason}): {exc.strerror}") from exc
-        aside: list[tuple[ChunkKey, str]] = []
+        tmp = self._stage(key, enc)
         with self._lock:
             try:
-                os.replace(tmp, path)
+                os.replace(tmp, self.path_of(key))
             except OSError as exc:
                 unlink_quiet(tmp)
                 self.stats.add(errors=1)
                 raise TierError(f"ssd rename failed: {exc.strerror}") from exc
-            old = self._index.pop(key, None)
-            if old is not None:
-                self._used -= old
-                self._policy.remove(key)
-            while self._used + size > self._budget and (victim := self._policy.victim()) is not None:
-                self._policy.remove(victim)
-                self._used -= self._index.pop(victim)
-                vpath, vaside = self.path_of(victim), self._aside(self.path_of(victim))
+            aside = self._admit_locked(key, size)
+        return self._published(key, aside, size, start)
+
+    def _put_new(self, key: ChunkKey, chunk: KVChunk) -> tuple[bool, list[Evicted]]:
+        """Publish ``chunk`` only if no file has ``key``'s name: ``os.link`` of a complete temp file fails
+        when the name exists, atomically for every process using the directory. A loser indexes the file it
+        found (written by another instance), so it reads the winner's bytes."""
+        start = time.perf_counter()
+        path = self.path_of(key)
+        with self._lock:
+            if key in self._index and os.path.exists(path):
+                return False, []
+        enc = encode_parts(chunk)
+        size = enc.nbytes
+        if size > self._budget:
+            self.stats.add(evictions=1)
+            return False, [(key, chunk)]
+        tmp = self._stage(key, enc)
+        try:
+            with self._lock:
                 try:
-                    os.replace(vpath, vaside)
-                    aside.append((victim, vaside))
-                except OSError:
-                    pass
-            self._index[key] = size
-            self._used += size
-            self._policy.insert(key, size)
-        if self.fsync == "always":
-            try:
-                fsync_dir(os.path.dirname(path))
-            except OSError as exc:  # the data is written; only its durability is in doubt
-                log.warning("ssd tier: directory fsync failed: %s", exc.strerror)
-        evicted = self._drain(aside)
-        self.stats.add(evictions=len(aside))
-        self.stats.record_put(1, size, time.perf_counter() - start)
-        return evicted
+                    os.link(tmp, path)
+                except FileExistsError:
+                    aside, won = self._adopt_locked(key, path), False
+                except OSError as exc:
+                    self.stats.add(errors=1)
+                    raise TierError(f"ssd link failed: {exc.strerror}") from exc
+                else:
+                    aside, won = self._admit_locked(key, size), True
+        finally:
+            unlink_quiet(tmp)
+        if not won:
+            return False, self._drain(aside)
+        return True, self._published(key, aside, size, start)
+
+    def _adopt_locked(self, key: ChunkKey, path: str) -> list[tuple[ChunkKey, str]]:
+        """Index a file another writer published under ``key`` (if this tier does not know it yet)."""
+        if key in self._index:
+            return []
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return []
+        return self._admit_locked(key, size) if size <= self._budget else []
+
+    def put_many_if_absent(
+        self, items: Sequence[tuple[ChunkKey, KVChunk]], *, owned: bool = False
+    ) -> tuple[list[bool], list[Evicted]]:
+        """Distinct keys are published in parallel (``io_threads``); a repeated key's first item wins."""
+        first: dict[ChunkKey, int] = {}
+        for j, (key, _) in enumerate(items):
+            first.setdefault(key, j)
+        jobs = [items[j] for j in sorted(first.values())]
+        results = list(self._pool.map(lambda kc: self._put_new(*kc), jobs)) if len(jobs) > 1 else [
+            self._put_new(*kc) for kc in jobs
+        ]
+        won = {key: ok for (key, _), (ok, _) in zip(jobs, results, strict=True)}
+        stored = [won[key] and first[key] == j for j, (key, _) in enumerate(items)]
+        return stored, [e for _, evicted in results for e in evicted]
 
     def put_many(self, items: Sequence[tuple[ChunkKey, KVChunk]], *, owned: bool = False) -> list[Evicted]:
         """Files are written in parallel (``io_threads``); the last item wins for a repeated key."""
