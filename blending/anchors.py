@@ -8,6 +8,10 @@ context's ``top_k`` closest anchors (softmax over negative relative distance of 
 layer, keys and values separately); when no anchor is close enough or the weights are too flat, the
 caller falls back to a dense prefill and records a new anchor. Matching reads only the summaries, so
 its cost does not grow with the anchors' lengths.
+
+Everything is per tenant (namespace): anchors, their contexts and persisted slots, and the registry of base
+origins. One tenant's traffic never reads, adds to or replaces another's anchors; the shared bounds (bytes,
+remembered origins) evict from the tenant holding the most, so a tenant keeps at least an equal share.
 """
 
 from __future__ import annotations
@@ -36,14 +40,15 @@ class AnchorConfig:
     anchor above which none counts as close."""
 
     max_per_context: int = 20
-    max_bytes: int = 1 << 30
+    max_bytes: int = 1 << 30  # all tenants together
+    max_tenant_bytes: int | None = None  # one tenant's cap inside max_bytes (None: max_bytes)
     temperature: float = 0.05
     max_entropy: float = 0.9
     max_distance: float = 1.0
     min_overlap: float = 0.5  # an anchor must cover this share of the segment's tokens
     top_k: int = 4  # deviations mixed per estimate (the closest anchors)
     apply_deviation: bool = True  # False: reuse the re-rotated base as is (an ablation for the benchmark)
-    max_origins: int = 1 << 16  # remembered base origins
+    max_origins: int = 1 << 16  # remembered base origins (and probed contexts), all tenants together
 
 
 @dataclass(eq=False)  # identity semantics: anchors hold tensors
@@ -95,26 +100,27 @@ def summarize(kv0: torch.Tensor) -> torch.Tensor:
 
 
 class AnchorStore:
-    """Persists anchors in a TieredStore: context ``c``'s slot ``i`` holds two chunks (base summary and
-    deviation, position-free: their positions are all 0) under keys derived from (c, i). No index is needed: a pool
-    probes a context's slots the first time it sees the context, so instances sharing a tier share anchors."""
+    """Persists anchors in a TieredStore: tenant ``ns``'s context ``c``'s slot ``i`` holds two chunks (base
+    summary and deviation, position-free: their positions are all 0) under keys derived from (ns, c, i), in the
+    tenant's key space. No index is needed: a pool probes a context's slots the first time it sees the context,
+    so instances sharing a tier share anchors (each tenant only its own)."""
 
-    def __init__(self, store: TieredStore, fingerprint: str, layout: str, namespace: str = "anchors") -> None:
-        self.store, self.fingerprint, self.layout, self.namespace = store, fingerprint, layout, namespace
+    def __init__(self, store: TieredStore, fingerprint: str, layout: str) -> None:
+        self.store, self.fingerprint, self.layout = store, fingerprint, layout
 
-    def _keys(self, context: str, slot: int) -> tuple[ChunkKey, ChunkKey]:
-        space = KeySpace(self.fingerprint, f"{self.layout}:anchor:{context}", self.namespace)
+    def _keys(self, namespace: str, context: str, slot: int) -> tuple[ChunkKey, ChunkKey]:
+        space = KeySpace(self.fingerprint, f"{self.layout}:anchor:{context}", namespace)
         return space.chunk_key([slot, 0]), space.chunk_key([slot, 1])
 
-    def save(self, context: str, anchor: Anchor) -> None:
-        summary_key, dev_key = self._keys(context, anchor.slot)
+    def save(self, namespace: str, context: str, anchor: Anchor) -> None:
+        summary_key, dev_key = self._keys(namespace, context, anchor.slot)
         zeros = torch.zeros(anchor.num_tokens, dtype=torch.int64)
         # The summary stays float32 so that a reloaded anchor matches (and deduplicates) exactly.
         self.store.put_many([(dev_key, KVChunk(anchor.deviation, zeros, self.fingerprint)),
                              (summary_key, KVChunk(anchor.summary.float(), zeros[:1], self.fingerprint))])
 
-    def load(self, context: str, slots: int) -> list[Anchor]:
-        keys = [k for slot in range(slots) for k in self._keys(context, slot)]
+    def load(self, namespace: str, context: str, slots: int) -> list[Anchor]:
+        keys = [k for slot in range(slots) for k in self._keys(namespace, context, slot)]
         found = self.store.get_many(keys)
         out = []
         for slot in range(slots):
@@ -129,9 +135,41 @@ class AnchorStore:
         return out
 
 
+class _TenantRecent:
+    """Per-tenant maps, least recent first, with one bound over all tenants: past it, the tenant holding the
+    most entries (the writer on a tie) forgets its least recent one. Not thread-safe (the pool's lock)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._maps: dict[str, OrderedDict[str, str]] = {}
+        self._size = 0
+
+    def get(self, namespace: str, key: str) -> str | None:
+        entries = self._maps.get(namespace)
+        return None if entries is None else entries.get(key)
+
+    def setdefault(self, namespace: str, key: str, value: str) -> str:
+        entries = self._maps.setdefault(namespace, OrderedDict())
+        if key not in entries:
+            entries[key] = value
+            self._size += 1
+        entries.move_to_end(key)
+        while self._size > self.limit:
+            victim = max(self._maps, key=lambda t: (len(self._maps[t]), t == namespace))
+            self._maps[victim].popitem(last=False)
+            self._size -= 1
+            if not self._maps[victim]:
+                del self._maps[victim]
+        return entries.get(key, value)
+
+    def __len__(self) -> int:
+        return self._size
+
+
 class AnchorPool:
-    """Bounded (entries per context, bytes overall), updated online, safe under concurrent requests;
-    persisted through an optional :class:`AnchorStore`."""
+    """Bounded (entries per context, bytes per tenant and overall), updated online, safe under concurrent
+    requests; persisted through an optional :class:`AnchorStore`. Every method takes the tenant's
+    ``namespace``: contexts, pair ids, origins and persisted slots are the tenant's own."""
 
     def __init__(
         self, inv_freq: torch.Tensor, config: AnchorConfig | None = None, persist: AnchorStore | None = None
@@ -139,25 +177,28 @@ class AnchorPool:
         self.config = config or AnchorConfig()
         self.inv_freq = inv_freq
         self.persist = persist
-        self._anchors: dict[str, list[Anchor]] = {}
-        self._loaded: set[str] = set()
-        self._origins: OrderedDict[str, str] = OrderedDict()  # base key -> context that computed the base
+        self._anchors: dict[tuple[str, str], list[Anchor]] = {}  # (namespace, context) -> anchors
+        self._bytes: dict[str, int] = {}  # namespace -> bytes of its anchors
+        self._loaded = _TenantRecent(self.config.max_origins)  # (namespace, context) probed in the store
+        self._origins = _TenantRecent(self.config.max_origins)  # (namespace, base key) -> context of the base
         self._lock = threading.Lock()
         self.used_bytes = 0
         self.counters = {"estimates": 0, "fallbacks": 0, "added": 0, "evicted": 0, "same_context": 0}
 
-    def note_origin(self, base_key: str, context: str) -> None:
-        """Remember which context computed a segment's base (the first one wins; bounded, least recent
-        forgotten). Kept in memory: another instance sees the origin as unknown."""
-        with self._lock:
-            self._origins.setdefault(base_key, context)
-            self._origins.move_to_end(base_key)
-            while len(self._origins) > self.config.max_origins:
-                self._origins.popitem(last=False)
+    @property
+    def tenant_cap(self) -> int:
+        cap = self.config.max_tenant_bytes
+        return self.config.max_bytes if cap is None else min(cap, self.config.max_bytes)
 
-    def origin(self, base_key: str) -> str | None:
+    def note_origin(self, namespace: str, base_key: str, context: str) -> None:
+        """Remember which of the tenant's contexts computed a segment's base (the first one wins; bounded,
+        least recent forgotten). Kept in memory: another instance sees the origin as unknown."""
         with self._lock:
-            return self._origins.get(base_key)
+            self._origins.setdefault(namespace, base_key, context)
+
+    def origin(self, namespace: str, base_key: str) -> str | None:
+        with self._lock:
+            return self._origins.get(namespace, base_key)
 
     def count_same_context(self) -> None:
         with self._lock:
@@ -167,20 +208,31 @@ class AnchorPool:
         with self._lock:
             return sum(len(v) for v in self._anchors.values())
 
-    def contexts(self) -> dict[str, int]:
+    def contexts(self, namespace: str | None = None) -> dict[tuple[str, str], int]:
+        """Anchors per (namespace, context), of one tenant or of all."""
         with self._lock:
-            return {c: len(v) for c, v in self._anchors.items()}
+            return {k: len(v) for k, v in self._anchors.items() if namespace is None or k[0] == namespace}
 
-    def add(self, context: str, base: KVChunk, real_kv: torch.Tensor, real_positions: torch.Tensor) -> None:
-        """Record the deviation of ``base`` observed as ``real_kv`` (at ``real_positions``) in ``context``."""
+    def tenant_bytes(self, namespace: str) -> int:
+        with self._lock:
+            return self._bytes.get(namespace, 0)
+
+    def add(self, namespace: str, context: str, base: KVChunk, real_kv: torch.Tensor,
+            real_positions: torch.Tensor) -> None:
+        """Record the deviation of ``base`` observed as ``real_kv`` (at ``real_positions``) in the tenant's
+        ``context``."""
         if real_kv.shape != base.kv.shape:
             raise ValueError(f"real KV {tuple(real_kv.shape)} does not match base {tuple(base.kv.shape)}")
         base0 = _frame0(base.kv.float(), base.positions, self.inv_freq)
         real0 = _frame0(real_kv.float(), real_positions, self.inv_freq)
         anchor = Anchor(summarize(base0), (real0 - base0).to(base.kv.dtype))
-        self._ensure_loaded(context)
+        if anchor.nbytes > self.tenant_cap:
+            log.warning("anchor of %d bytes over the tenant's anchor budget; not kept", anchor.nbytes)
+            return
+        key = (namespace, context)
+        self._ensure_loaded(namespace, context)
         with self._lock:
-            entries = self._anchors.setdefault(context, [])
+            entries = self._anchors.setdefault(key, [])
             same = next((a for a in entries if a.num_tokens == anchor.num_tokens
                          and torch.equal(a.summary, anchor.summary)), None)
             if same is not None:  # the same segment seen again in this context: refresh, do not duplicate
@@ -188,68 +240,96 @@ class AnchorPool:
                 anchor = same
             else:
                 entries.append(anchor)
-                self.used_bytes += anchor.nbytes
+                self._account(namespace, anchor.nbytes)
                 self.counters["added"] += 1
                 while len(entries) > self.config.max_per_context:
-                    self._evict_from(context, anchor)
-                while self.used_bytes > self.config.max_bytes and self._evict_global(anchor):
-                    pass
+                    self._evict_from(key, anchor)
+                self._enforce(namespace, anchor)
                 # An evicted anchor's slot is reused: a context never persists more than max_per_context.
-                taken = {a.slot for a in entries}
+                taken = {a.slot for a in self._anchors.get(key, []) if a is not anchor}
                 anchor.slot = next(i for i in range(self.config.max_per_context) if i not in taken)
-        self._save(context, anchor)
+        self._save(namespace, context, anchor)
 
-    def _save(self, context: str, anchor: Anchor) -> None:
+    def _account(self, namespace: str, nbytes: int) -> None:
+        self.used_bytes += nbytes
+        left = self._bytes.get(namespace, 0) + nbytes
+        if left:
+            self._bytes[namespace] = left
+        else:
+            self._bytes.pop(namespace, None)
+
+    def _enforce(self, namespace: str, protect: Anchor | None) -> None:
+        """The writer's cap first (it evicts its own anchors), then the global bound (the tenant holding the
+        most bytes evicts; the writer on a tie)."""
+        while self._bytes.get(namespace, 0) > self.tenant_cap and self._evict_tenant(namespace, protect):
+            pass
+        while self.used_bytes > self.config.max_bytes:
+            order = sorted(self._bytes, key=lambda t: (self._bytes[t], t == namespace), reverse=True)
+            if not any(self._evict_tenant(t, protect) for t in order):
+                break
+
+    def _save(self, namespace: str, context: str, anchor: Anchor) -> None:
         if self.persist is None:
             return
         try:
-            self.persist.save(context, anchor)
+            self.persist.save(namespace, context, anchor)
         except Exception as exc:  # a store failure must not fail the request
             log.warning("anchor persistence failed: %s", exc)
 
-    def _ensure_loaded(self, context: str) -> None:
-        if self.persist is None or context in self._loaded:
+    def _ensure_loaded(self, namespace: str, context: str) -> None:
+        if self.persist is None:
             return
+        with self._lock:
+            if self._loaded.get(namespace, context) is not None:
+                return
         try:
-            found = self.persist.load(context, self.config.max_per_context)
+            found = self.persist.load(namespace, context, self.config.max_per_context)
         except Exception as exc:
             log.warning("anchor load failed: %s", exc)
             return
+        key = (namespace, context)
         with self._lock:
-            if context in self._loaded:
+            if self._loaded.get(namespace, context) is not None:
                 return
-            self._loaded.add(context)
-            entries = self._anchors.setdefault(context, [])
+            self._loaded.setdefault(namespace, context, "")
+            entries = self._anchors.setdefault(key, [])
             taken = {a.slot for a in entries}
             for anchor in found:
                 if anchor.slot not in taken and len(entries) < self.config.max_per_context:
                     entries.append(anchor)
-                    self.used_bytes += anchor.nbytes
-            while self.used_bytes > self.config.max_bytes and self._evict_global(None):
-                pass
+                    self._account(namespace, anchor.nbytes)
+            if not entries:
+                del self._anchors[key]
+            self._enforce(namespace, None)
 
-    def _evict_from(self, context: str, protect: Anchor | None) -> bool:
-        entries = [a for a in self._anchors.get(context, []) if a is not protect]
+    def _evict_from(self, key: tuple[str, str], protect: Anchor | None) -> bool:
+        entries = [a for a in self._anchors.get(key, []) if a is not protect]
         if not entries:
             return False
         victim = min(entries, key=lambda a: (a.uses, a.added))
-        self._anchors[context].remove(victim)
-        self.used_bytes -= victim.nbytes
+        self._anchors[key].remove(victim)
+        if not self._anchors[key]:
+            del self._anchors[key]
+        self._account(key[0], -victim.nbytes)
         self.counters["evicted"] += 1
         return True
 
-    def _evict_global(self, protect: Anchor | None) -> bool:
-        candidates = [(a.uses, a.added, c) for c, v in self._anchors.items() for a in v if a is not protect]
+    def _evict_tenant(self, namespace: str, protect: Anchor | None) -> bool:
+        """Evict the tenant's least used (then oldest) anchor."""
+        candidates = [(a.uses, a.added, k) for k, v in self._anchors.items() if k[0] == namespace
+                      for a in v if a is not protect]
         if not candidates:
             return False
         return self._evict_from(min(candidates)[2], protect)
 
-    def estimate(self, context: str, base: KVChunk, new_positions: torch.Tensor) -> Estimate:
-        """Corrected KV of ``base`` placed at ``new_positions`` in ``context``, or a reason to fall back."""
+    def estimate(self, namespace: str, context: str, base: KVChunk, new_positions: torch.Tensor) -> Estimate:
+        """Corrected KV of ``base`` placed at ``new_positions`` in the tenant's ``context``, or a reason to
+        fall back."""
         n = base.num_tokens
-        self._ensure_loaded(context)
+        self._ensure_loaded(namespace, context)
         with self._lock:
-            anchors = [a for a in self._anchors.get(context, []) if a.num_tokens >= self.config.min_overlap * n]
+            anchors = [a for a in self._anchors.get((namespace, context), [])
+                       if a.num_tokens >= self.config.min_overlap * n]
         if not anchors:
             return self._miss("no anchor for this context and length", 0, 0.0, math.inf)
         base0 = _frame0(base.kv.float(), base.positions, self.inv_freq)  # [L, 2, H, T, D]
@@ -288,6 +368,8 @@ class AnchorPool:
             return {
                 "anchors": sum(len(v) for v in self._anchors.values()),
                 "contexts": len(self._anchors),
+                "tenants": len(self._bytes),
+                "origins": len(self._origins),
                 "used_bytes": self.used_bytes,
                 "budget_bytes": self.config.max_bytes,
                 **self.counters,

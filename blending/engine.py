@@ -186,7 +186,7 @@ class Engine:
         computed: list[tuple[ChunkKey, KVChunk]] = []
         with self.model_lock:
             if mode in ("anchor", "hybrid"):
-                fused, mode, reason, computed = self._anchor(plan, mode, request.recompute_ratio)
+                fused, mode, reason, computed = self._anchor(plan, mode, request.recompute_ratio, request.namespace)
             else:
                 fused, mode, reason = self._compute(plan, mode, reason, request.recompute_ratio)
         end = time.perf_counter()
@@ -216,7 +216,7 @@ class Engine:
         return requested, None
 
     def _anchor(
-        self, plan: Plan, mode: str, ratio: float | None
+        self, plan: Plan, mode: str, ratio: float | None, namespace: str
     ) -> tuple[FusedKV, str, str | None, list[tuple[ChunkKey, KVChunk]]]:
         assert self.adapter is not None and self.anchor_pool is not None
         hybrid = None
@@ -224,7 +224,7 @@ class Engine:
             hybrid = replace(self.config.blend, recompute_ratio=self.config.hybrid_ratio if ratio is None else ratio)
         try:
             fused, reason, computed = anchor_prefill(
-                self.adapter, self.anchor_pool, plan, hybrid, self._dense, self.fingerprint
+                self.adapter, self.anchor_pool, plan, hybrid, self._dense, self.fingerprint, namespace=namespace
             )
         except (ValueError, RuntimeError) as exc:  # bad cached KV or anchors must never crash a request
             log.warning("anchor prefill failed (%s); dense fallback", exc)
