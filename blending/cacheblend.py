@@ -114,7 +114,11 @@ def _scores(
     group = adapter.shape.num_heads // adapter.shape.num_kv_heads
     keys = fresh_k.float().repeat_interleave(group, dim=0)
     logits = q[:, query_rows].float() @ keys.transpose(1, 2) * adapter.scaling
-    causal = active[None, :] <= active[query_rows][:, None]
+    rows = active[query_rows][:, None]
+    causal = active[None, :] <= rows
+    window = adapter.windows[layer]
+    if window is not None:  # the layer's sliding window: keys at or before row - window are not seen
+        causal &= active[None, :] > rows - window
     attn = logits.masked_fill(~causal[None], float("-inf")).softmax(dim=-1).mean(dim=(0, 1))
     dev_n = dev / dev.max().clamp_min(1e-12)
     attn_n = attn / attn.max().clamp_min(1e-12)
