@@ -48,6 +48,10 @@ def _tokens_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
     return arr.astype("<i4").tobytes()
 
 
+def _fields(fields: Sequence[bytes]) -> bytes:
+    return b"".join(len(f).to_bytes(4, "little") + f for f in fields)
+
+
 @dataclass(frozen=True)
 class KeySpace:
     """Everything besides the tokens that a key depends on.
@@ -64,7 +68,21 @@ class KeySpace:
         """The key-space fields, each length-prefixed, so no two different spaces (and no space plus
         tokens) serialize alike; a plain separator let a field containing it mimic another split."""
         fields = [b"kvfuse/v2", kind, self.fingerprint.encode(), self.layout.encode(), self.namespace.encode()]
-        return b"".join(len(f).to_bytes(4, "little") + f for f in fields)
+        return _fields(fields)
+
+    def engine_key(self, engine: str, engine_hash: bytes | str, scope: str = "") -> ChunkKey:
+        """Storage key of a page/block that an inference engine names by its own hash (an SGLang page hash
+        with its shard suffix, a vLLM block hash, an LMCache chunk key string).
+
+        The engine's hash is taken as given (kvfuse never changes an engine's keys, it only derives its own
+        storage key from them), within this key space (model fingerprint, layout including the KV dtype,
+        tenant), the engine's name and a ``scope`` (e.g. an exact prefix vs the KV prepared for one request).
+        Every field is length-prefixed, as in :meth:`chunk_key`.
+        """
+        raw = engine_hash.encode() if isinstance(engine_hash, str) else bytes(engine_hash)
+        h = xxhash.xxh3_128(self._seed_bytes(b"engine"))
+        h.update(_fields([engine.encode(), scope.encode(), raw]))
+        return ChunkKey(h.digest())
 
     def chunk_key(self, token_ids: Sequence[int] | np.ndarray) -> ChunkKey:
         """Position-independent key of a chunk: the same tokens give the same key anywhere in a prompt."""

@@ -71,3 +71,18 @@ def test_prefix_chaining() -> None:
     assert ks.prefix_keys(toks[4:8], 4)[0] != keys[1]
     with pytest.raises(ValueError):
         ks.prefix_keys(toks, 0)
+
+
+def test_engine_keys() -> None:
+    """Keys of pages an engine names by its own hash: length-prefixed fields, so no two differ only in where
+    a field ends; the key space (model, layout with dtype, tenant), the engine and the scope all count."""
+    ks = KeySpace("fp", "l2:bfloat16", "t")
+    k = ks.engine_key("sglang", "ab" * 32)
+    assert k == ks.engine_key("sglang", "ab" * 32) and isinstance(k, ChunkKey)
+    assert ks.engine_key("sglang", "ab") == ks.engine_key("sglang", b"ab")  # str hashes are UTF-8
+    assert ks.engine_key("ab", "c") != ks.engine_key("a", "bc")
+    assert ks.engine_key("e", "h", scope="s") != ks.engine_key("e", "sh")
+    assert ks.engine_key("e", "h", scope="") != ks.engine_key("e", "h", scope="prepared:1")
+    others = [KeySpace("fp2", "l2:bfloat16", "t"), KeySpace("fp", "l2:float16", "t"), KeySpace("fp", "l2:bfloat16")]
+    assert len({o.engine_key("sglang", "ab" * 32) for o in others} | {k}) == 4
+    assert k not in {ks.chunk_key([1, 2]), *ks.prefix_keys([1, 2, 3, 4], 2)}
