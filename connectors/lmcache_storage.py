@@ -28,8 +28,12 @@ Lazy base class: ``KvfuseLMCacheConnectorImpl`` has the logic; the module ``__ge
 Chunks: LMCache's ``KV_2LTD`` objects ``[2, layers, tokens, heads*head_dim]`` are stored as KVChunks
 ``[layers, 2, 1, tokens, heads*head_dim]`` and ``KV_MLA_FMT`` objects ``[1, layers, tokens, dim]`` as
 ``[layers, 2, 1, tokens, dim/2]`` (lossless; partial last chunks keep their token count). The kvfuse key is
-the xxh3-128 of the kvfuse namespace, the memory format and ``CacheEngineKey.to_string()`` (model, world
-size, worker, chunk hash, dtype, tags). Store I/O runs in worker threads, off LMCache's event loop.
+:meth:`kvstore.keys.KeySpace.engine_key` of ``CacheEngineKey.to_string()`` (model, world size, worker, chunk
+hash, dtype, tags) in the space of (model identity, memory format and KV dtype, ``kvfuse_namespace``). The
+model identity is kvfuse's weight fingerprint when the extra config gives ``kvfuse_fingerprint``, else the
+key's model name (LMCache exposes nothing else). A stored chunk of another dtype than LMCache's
+``kv_dtype`` is a miss with a logged reason, never cast. Store I/O runs in worker threads, off LMCache's
+event loop.
 Refused at construction (LMCache then logs it and runs without this remote backend): ``use_layerwise``
 (per-layer ``KV_T2D`` objects), a ``remote_serde`` other than ``naive`` (cachegen/kivi send opaque
 ``BINARY`` objects), and a scheduler-role engine (no ``LocalCPUBackend`` metadata). Chunks of hybrid models
@@ -49,17 +53,15 @@ import logging
 from typing import Any
 
 import torch
-import xxhash
 
-from connectors.common import open_store
-from kvstore.chunk import KVChunk
-from kvstore.keys import ChunkKey
+from connectors.common import FINGERPRINT_PARAM, model_identity, open_store, parse_kv_dtype
+from kvstore.chunk import KVChunk, dtype_name
+from kvstore.keys import ChunkKey, KeySpace
 from kvstore.store import TieredStore
 
 log = logging.getLogger(__name__)
 
 __all__ = ["KvfuseLMCacheConnectorImpl", "from_kvchunk", "to_kvchunk"]
-_SEP = b"\x1f"
 SUPPORTED_FORMATS = ("KV_2LTD", "KV_MLA_FMT")
 
 
@@ -130,15 +132,21 @@ class KvfuseLMCacheConnectorImpl:
         self.local_cpu_backend = local_cpu_backend
         extra: dict[str, Any] = dict(getattr(config, "extra_config", None) or {})
         self.namespace = str(extra.get("kvfuse_namespace", "default"))
-        self.store, self._owns_store = open_store(extra, store)
+        self.fingerprint: str | None = extra.get(FINGERPRINT_PARAM) or None
+        dtype = extra.get("kvfuse_kv_dtype") or getattr(metadata, "kv_dtype", None)
+        self.kv_dtype: torch.dtype | None = None if dtype is None else parse_kv_dtype(dtype)
         default_fmt = "KV_MLA_FMT" if getattr(metadata, "use_mla", False) else "KV_2LTD"
         self.fmt: Any = getattr(self, "meta_fmt", None) or default_fmt
+        self.store, self._owns_store = open_store(extra, store)
+
+    def _identity(self, key: Any) -> str:
+        return model_identity(self.fingerprint, str(getattr(key, "model_name", "") or ""))
 
     def _key(self, key: Any) -> ChunkKey:
-        h = xxhash.xxh3_128(_SEP.join([b"kvfuse/lmcache/v1", self.namespace.encode(), _fmt_name(self.fmt).encode()]))
-        h.update(_SEP)
-        h.update(key.to_string().encode())
-        return ChunkKey(h.digest())
+        layout = f"lmcache/{_fmt_name(self.fmt)}"
+        if self.kv_dtype is not None:
+            layout += f":{dtype_name(self.kv_dtype)}"
+        return KeySpace(self._identity(key), layout, self.namespace).engine_key("lmcache", key.to_string())
 
     # -- sync core ----------------------------------------------------------------------------------------
     def exists_sync(self, key: Any) -> bool:
@@ -147,6 +155,9 @@ class KvfuseLMCacheConnectorImpl:
     def _get_sync(self, key: Any) -> Any:
         chunk = self.store.get(self._key(key))
         if chunk is None:
+            return None
+        if self.kv_dtype is not None and chunk.dtype != self.kv_dtype:  # never cast: a miss, LMCache recomputes
+            log.warning("kvfuse: stored chunk is %s, LMCache's KV is %s: treated as a miss", chunk.dtype, self.kv_dtype)
             return None
         tensor = from_kvchunk(chunk, self.fmt)
         obj = self.local_cpu_backend.allocate(torch.Size(tensor.shape), tensor.dtype, self.fmt)
@@ -170,7 +181,11 @@ class KvfuseLMCacheConnectorImpl:
             raise ValueError(
                 f"kvfuse's LMCache connector stores {_fmt_name(self.fmt)} chunks; refusing a {_fmt_name(fmt)} chunk"
             )
-        chunk = to_kvchunk(memory_obj.tensor, fmt, f"lmcache/{key.model_name}")
+        if self.kv_dtype is not None and memory_obj.tensor.dtype != self.kv_dtype:
+            raise ValueError(
+                f"kvfuse's LMCache connector stores {self.kv_dtype} KV; refusing a {memory_obj.tensor.dtype} chunk"
+            )
+        chunk = to_kvchunk(memory_obj.tensor, fmt, self._identity(key))
         self.store.put(self._key(key), chunk)
 
     def remove_sync(self, key: Any) -> bool:

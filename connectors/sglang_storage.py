@@ -18,8 +18,11 @@ no SGLang base; the name ``KvfuseHiCacheStorage`` is resolved by the module ``__
 Pages. SGLang keys a page by its chained SHA-256 hex digest (see :mod:`connectors.engine_hashes`), made
 unique per shard by the same suffixes as its file backend: ``_{model}_{tp_rank}_{tp_size}`` (+
 ``_{pp_size}_{pp_rank}``, ``_cp{rank}_{size}``) for MHA; MLA KV is replicated over TP, so MLA keys carry
-no TP part and only the storage-writer rank writes. A kvfuse key is the xxh3-128 of (kvfuse namespace, page
-geometry, dtype, suffixed SGLang key): two pools of different shape never share a key.
+no TP part and only the storage-writer rank writes. The kvfuse key of a page is
+:meth:`kvstore.keys.KeySpace.engine_key` of the suffixed SGLang key in the space of (model identity, page
+geometry with dtype, ``kvfuse_namespace``): two pools of different shape or dtype never share a key. The
+model identity is kvfuse's weight fingerprint if the extra config gives it (``"kvfuse_fingerprint"``), else
+the served model name (SGLang exposes nothing else); :mod:`connectors.sglang_pages` has the details.
 
 Every page is stored canonically, as a :class:`~kvstore.chunk.KVChunk` ``[layers, 2, heads, page, head_dim]``,
 whatever host layout wrote it: ``layer_first``, ``page_first``,
@@ -43,14 +46,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import xxhash
 
-from connectors.common import open_store
-from kvstore.chunk import SUPPORTED_DTYPES, KVChunk, dtype_name
+from connectors.common import FINGERPRINT_PARAM, open_store
+from connectors.sglang_pages import (
+    MHA_LAYOUTS,
+    MLA_LAYOUTS,
+    SGLangPageSpec,
+    flat_shape,
+    page_from_flat,
+    page_to_flat,
+    shard_suffix,
+)
+from kvstore.chunk import KVChunk
 from kvstore.keys import ChunkKey
 from kvstore.store import TieredStore
 
@@ -65,146 +75,6 @@ __all__ = [
     "page_to_flat",
     "shard_suffix",
 ]
-
-MHA_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
-MLA_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
-_SEP = b"\x1f"
-
-
-def shard_suffix(
-    model_name: str | None,
-    *,
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    pp_rank: int = 0,
-    pp_size: int = 1,
-    attn_cp_rank: int = 0,
-    attn_cp_size: int = 1,
-    is_mla: bool = False,
-) -> str:
-    """The per-shard key suffix SGLang's own file backend appends (``HiCacheFile.config_suffix``)."""
-    model = "-".join(model_name.split("/")) if model_name else ""
-    shard = f"_{pp_size}_{pp_rank}" if pp_size > 1 else ""
-    if attn_cp_size > 1:
-        shard += f"_cp{attn_cp_rank}_{attn_cp_size}"
-    return f"_{model}{shard}" if is_mla else f"_{model}_{tp_rank}_{tp_size}{shard}"
-
-
-@dataclass(frozen=True)
-class SGLangPageSpec:
-    """What a stored page is: one shard's geometry and the key suffix of that shard.
-
-    MHA: ``head_num`` KV heads of this shard (total / tp_size) of ``head_dim``; MLA: ``head_num`` is 1 and
-    ``head_dim`` is ``kv_cache_dim`` (latent + rope dims).
-    """
-
-    layer_num: int
-    head_num: int
-    head_dim: int
-    page_size: int
-    dtype: torch.dtype
-    suffix: str
-    is_mla: bool = False
-    namespace: str = "default"
-    model_name: str = ""
-
-    def __post_init__(self) -> None:
-        if min(self.layer_num, self.head_num, self.head_dim, self.page_size) <= 0:
-            raise ValueError(f"invalid page geometry {self}")
-        if self.dtype not in SUPPORTED_DTYPES.values():
-            raise ValueError(
-                f"kvfuse stores {sorted(SUPPORTED_DTYPES)} KV; the SGLang KV cache is {self.dtype} "
-                "(run SGLang with --kv-cache-dtype auto on a float16/bfloat16/float32 model)"
-            )
-        if self.is_mla and (self.head_num != 1 or self.head_dim % 2):
-            raise ValueError("an MLA page has one latent head of even width")
-
-    @property
-    def fingerprint(self) -> str:
-        return f"sglang/{self.model_name}"
-
-    @property
-    def page_numel(self) -> int:
-        return self.layer_num * self.page_size * self.head_num * self.head_dim * (1 if self.is_mla else 2)
-
-    def _tag(self) -> bytes:
-        kind = "mla" if self.is_mla else "mha"
-        return (
-            f"{kind}/l{self.layer_num}h{self.head_num}d{self.head_dim}p{self.page_size}:{dtype_name(self.dtype)}"
-        ).encode()
-
-    def key(self, page_key: str) -> ChunkKey:
-        """kvfuse key of SGLang page ``page_key`` (a page hash, or a page hash with a pool suffix)."""
-        h = xxhash.xxh3_128(_SEP.join([b"kvfuse/sglang/v1", self.namespace.encode(), self._tag()]))
-        h.update(_SEP)
-        h.update((page_key + self.suffix).encode())
-        return ChunkKey(h.digest())
-
-
-def _flat_shape(spec: SGLangPageSpec, layout: str) -> tuple[int, ...]:
-    L, P, H, D = spec.layer_num, spec.page_size, spec.head_num, spec.head_dim
-    if spec.is_mla:
-        shapes = {"layer_first": (L, P, 1, D), "page_first": (P, L, 1, D), "page_first_direct": (1, L, P, 1, D)}
-    else:
-        shapes = {
-            "layer_first": (2, L, P, H, D),
-            "page_first": (2, P, L, H, D),
-            "page_first_direct": (2, 1, L, P, H, D),
-            "page_head": (2, 1, H, P, L, D),
-        }
-    if layout not in shapes:
-        raise ValueError(f"unsupported SGLang host layout {layout!r} for {'MLA' if spec.is_mla else 'MHA'} pages")
-    return shapes[layout]
-
-
-def page_from_flat(flat: torch.Tensor, spec: SGLangPageSpec, layout: str) -> torch.Tensor:
-    """A flat host-pool page (as ``get_data_page(i, flat=True)`` gives it) → canonical ``[L, 2, H, P, D]``."""
-    if flat.numel() != spec.page_numel:
-        raise ValueError(f"page has {flat.numel()} elements, expected {spec.page_numel}")
-    x = flat.reshape(_flat_shape(spec, layout))
-    if spec.is_mla:
-        lpc = {"layer_first": x[:, :, 0], "page_first": x[:, :, 0].transpose(0, 1), "page_first_direct": x[0, :, :, 0]}
-        lat = lpc[layout]  # [L, P, C]
-        L, P, C = lat.shape
-        return lat.reshape(L, P, 2, C // 2).permute(0, 2, 1, 3).unsqueeze(2).contiguous()
-    if layout == "layer_first":
-        kv = x.permute(1, 0, 3, 2, 4)
-    elif layout == "page_first":
-        kv = x.permute(2, 0, 3, 1, 4)
-    elif layout == "page_first_direct":
-        kv = x[:, 0].permute(1, 0, 3, 2, 4)
-    else:  # page_head: [2, H, P, L, D]
-        kv = x[:, 0].permute(3, 0, 1, 2, 4)
-    return kv.contiguous()
-
-
-def page_to_flat(kv: torch.Tensor, spec: SGLangPageSpec, layout: str) -> torch.Tensor:
-    """Canonical ``[L, 2, H, P, D]`` → the flat page ``set_from_flat_data_page`` expects for ``layout``."""
-    if spec.is_mla:
-        L, _, _, P, half = kv.shape
-        lat = kv[:, :, 0].permute(0, 2, 1, 3).reshape(L, P, 2 * half)  # [L, P, C]
-        if layout == "layer_first":
-            x = lat[:, :, None]
-        elif layout == "page_first":
-            x = lat.transpose(0, 1)[:, :, None]
-        elif layout == "page_first_direct":
-            x = lat[None, :, :, None]
-        else:
-            _flat_shape(spec, layout)  # raises
-            raise AssertionError
-        return x.contiguous().flatten()
-    if layout == "layer_first":
-        x = kv.permute(1, 0, 3, 2, 4)
-    elif layout == "page_first":
-        x = kv.permute(1, 3, 0, 2, 4)
-    elif layout == "page_first_direct":
-        x = kv.permute(1, 0, 3, 2, 4)[:, None]
-    elif layout == "page_head":
-        x = kv.permute(1, 2, 3, 0, 4)[:, None]
-    else:
-        _flat_shape(spec, layout)
-        raise AssertionError
-    return x.contiguous().flatten()
 
 
 def _cfg(storage_config: Any, name: str, default: Any) -> Any:
@@ -227,6 +97,7 @@ class KvfuseHiCacheStorageImpl:
         self.is_mla = bool(_cfg(storage_config, "is_mla_model", False))
         self.model_name = str(_cfg(storage_config, "model_name", ""))
         self.namespace = str(extra.get("kvfuse_namespace", "default"))
+        self.model_fingerprint: str | None = extra.get(FINGERPRINT_PARAM) or None
         self.suffix = shard_suffix(
             self.model_name,
             tp_rank=int(_cfg(storage_config, "tp_rank", 0)),
@@ -266,8 +137,9 @@ class KvfuseHiCacheStorageImpl:
             is_mla=is_mla,
             namespace=self.namespace,
             model_name=self.model_name,
+            model_fingerprint=self.model_fingerprint,
         )
-        _flat_shape(spec, layout)  # refuse unknown layouts now, not on the first transfer
+        flat_shape(spec, layout)  # refuse unknown layouts now, not on the first transfer
         self.mem_pool_host, self.spec, self.layout, self.is_mla = mem_pool_host, spec, layout, is_mla
 
     def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
@@ -300,7 +172,9 @@ class KvfuseHiCacheStorageImpl:
         spec = self._spec()
         expected = (spec.layer_num, 2, spec.head_num if not spec.is_mla else 1, spec.page_size)
         if tuple(chunk.kv.shape[:4]) != expected or chunk.kv.dtype != spec.dtype:
-            log.warning("stored page is %s %s, expected %s: ignored", tuple(chunk.kv.shape), chunk.dtype, expected)
+            # never cast or reshape: a page of another dtype or geometry is a miss (SGLang recomputes it)
+            log.warning("kvfuse: stored page is %s %s, the host pool holds %s %s: treated as a miss",
+                        tuple(chunk.kv.shape), chunk.dtype, expected, spec.dtype)
             return None
         return page_to_flat(chunk.kv, spec, self.layout)
 

@@ -10,10 +10,12 @@ Lazy base class: as in :mod:`connectors.sglang_storage`, ``KvfuseConnectorImpl``
 vLLM base; the module ``__getattr__`` builds ``KvfuseConnector(KvfuseConnectorImpl, KVConnectorBase_V1)``
 the first time vLLM's factory looks the name up, so the module imports without vLLM.
 
-Keys. A block is keyed by vLLM's own block hash (``request.block_hashes``: chained SHA-256 over pickled
-token tuples by default, :func:`connectors.engine_hashes.vllm_block_hashes`), the kvfuse namespace, the
-model, the tensor-parallel shard and a scope: ``prefix`` for KV an engine computed densely (exact, shared by
-every request with that prefix), or ``prepared:<id>`` for KV kvfuse blended for one prompt. Prepared KV is
+Keys (:mod:`connectors.vllm_keys`). A block is keyed by vLLM's own block hash (``request.block_hashes``,
+:func:`connectors.engine_hashes.vllm_block_hashes`) in the space of the model identity (weight fingerprint
+``kvfuse_fingerprint``, else the model name), the TP shard, the KV dtype and the kvfuse namespace, with a
+scope: ``prefix`` for KV an engine computed densely (exact, shared by every request with that prefix), or
+``prepared:<id>`` for KV kvfuse blended for one prompt. A stored block of another dtype than the KV cache
+is a load error (vLLM recomputes it), never cast. Prepared KV is
 loaded only for a request whose ``kv_transfer_params`` carry ``{"kvfuse_prepared": <id>}``, so blended
 (approximate) KV never serves a request that did not ask for it. Give such requests a ``cache_salt`` (any
 value, the same at export) so vLLM's own GPU prefix cache also keeps their blocks apart.
@@ -43,16 +45,15 @@ those blocks layer by layer (``save_kv_layer``) and stores the ones its rank doe
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import xxhash
 
-from blending.fused import FusedKV
-from connectors.common import open_store
+from connectors.common import FINGERPRINT_PARAM, open_store
 from connectors.engine_hashes import vllm_block_hashes
+from connectors.vllm_keys import VLLMBlockKeys, export_fused_kv_vllm, kv_dtype_of
+from connectors.vllm_meta import BlockLoad, BlockSave, KvfuseConnectorMetadata, SaveProgress, layer_index
 from kvstore.chunk import KVChunk
 from kvstore.keys import ChunkKey
 from kvstore.store import TieredStore
@@ -68,127 +69,7 @@ __all__ = [
     "export_fused_kv_vllm",
     "layer_index",
 ]
-_SEP = b"\x1f"
 PREPARED_PARAM = "kvfuse_prepared"
-
-
-@dataclass(frozen=True)
-class VLLMBlockKeys:
-    """How vLLM blocks are named in the kvfuse store."""
-
-    model_name: str
-    namespace: str = "default"
-    tp_rank: int = 0
-    tp_size: int = 1
-
-    def key(self, block_hash: bytes, prepared_id: str | None = None) -> ChunkKey:
-        scope = f"prepared:{prepared_id}" if prepared_id is not None else "prefix"
-        h = xxhash.xxh3_128(
-            _SEP.join(
-                [
-                    b"kvfuse/vllm/v1",
-                    self.namespace.encode(),
-                    self.model_name.encode(),
-                    f"tp{self.tp_rank}/{self.tp_size}".encode(),
-                    scope.encode(),
-                ]
-            )
-        )
-        h.update(_SEP)
-        h.update(bytes(block_hash))
-        return ChunkKey(h.digest())
-
-
-def export_fused_kv_vllm(
-    store: TieredStore,
-    fused: FusedKV | torch.Tensor,
-    token_ids: Sequence[int] | torch.Tensor,
-    *,
-    model_name: str,
-    block_size: int,
-    dtype: torch.dtype = torch.bfloat16,
-    tp_size: int = 1,
-    prepared_id: str | None = None,
-    namespace: str = "default",
-    cache_salt: str | None = None,
-    hash_algo: str = "sha256",
-    none_hash_seed: str | None = None,
-) -> list[bytes]:
-    """Store a prompt's KV as vLLM blocks (full blocks short of the last token); returns their block hashes.
-
-    ``prepared_id``: store in that prepared scope (for blended KV); ``None``: the shared exact-prefix scope.
-    """
-    kv = fused.kv if isinstance(fused, FusedKV) else fused
-    ids = [int(t) for t in (token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids)]
-    if kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[3] != len(ids):
-        raise ValueError(f"fused KV must be [layers, 2, heads, {len(ids)}, head_dim], got {tuple(kv.shape)}")
-    n_blocks = max(0, len(ids) - 1) // block_size
-    hashes = vllm_block_hashes(
-        ids[: n_blocks * block_size], block_size, algo=hash_algo, none_hash_seed=none_hash_seed, cache_salt=cache_salt
-    )
-    heads = kv.shape[2]
-    if heads % tp_size:
-        raise ValueError(f"{heads} KV heads cannot be split over {tp_size} TP ranks")
-    per = heads // tp_size
-    items: list[tuple[ChunkKey, KVChunk]] = []
-    for rank in range(tp_size):
-        keys = VLLMBlockKeys(model_name, namespace, rank, tp_size)
-        shard = kv[:, :, rank * per : (rank + 1) * per].detach().to("cpu", dtype)
-        for i, block_hash in enumerate(hashes):
-            lo = i * block_size
-            block = shard[:, :, :, lo : lo + block_size].contiguous()
-            items.append(
-                (keys.key(block_hash, prepared_id), KVChunk(block, torch.arange(lo, lo + block_size), model_name))
-            )
-    store.put_many(items)
-    return hashes
-
-
-@dataclass
-class BlockLoad:
-    """Blocks to load for one request: vLLM block hashes (each worker keys them with its own TP rank)."""
-
-    req_id: str
-    block_hashes: list[bytes]
-    block_ids: list[int]
-    prepared_id: str | None = None
-
-
-@dataclass
-class BlockSave:
-    """Consecutive full prompt blocks to save for one request, the first starting at token ``start_token``."""
-
-    req_id: str
-    block_hashes: list[bytes]
-    block_ids: list[int]
-    start_token: int
-
-
-@dataclass
-class _SaveProgress:
-    """Scheduler-side save state of one request: its block ids so far, and how many leading blocks are done."""
-
-    block_ids: list[int]
-    planned: int
-
-
-@dataclass
-class KvfuseConnectorMetadata:
-    """What the worker loads and saves this step (a ``KVConnectorMetadata`` in the built class)."""
-
-    loads: list[BlockLoad] = field(default_factory=list)
-    saves: list[BlockSave] = field(default_factory=list)
-
-
-def layer_index(layer_name: str) -> int:
-    """The layer index in a vLLM attention layer name: its one integer component (``model.layers.12.attn`` -> 12)."""
-    ints = [int(part) for part in layer_name.split(".") if part.isdigit()]
-    if len(ints) != 1:
-        raise ValueError(
-            f"kvfuse cannot tell the layer index of KV cache {layer_name!r}: expected exactly one integer "
-            "component in the name (as in 'model.layers.12.self_attn.attn')"
-        )
-    return ints[0]
 
 
 def _get(obj: Any, *names: str, default: Any = None) -> Any:
@@ -225,13 +106,16 @@ class KvfuseConnectorImpl:
             str(extra.get("kvfuse_namespace", "default")),
             int(extra.get("kvfuse_tp_rank", self._tp_rank())),
             tp_size,
+            dtype=kv_dtype_of(vllm_config, extra),
+            block_size=self.block_size,
+            fingerprint=extra.get(FINGERPRINT_PARAM) or None,
         )
         self.store, self._owns_store = open_store(extra, store)
         # scheduler side
         self._requests: dict[str, Any] = {}
         self._lookup_start: dict[str, int] = {}  # locally computed tokens at the last lookup
         self._pending_loads: dict[str, BlockLoad] = {}
-        self._save_progress: dict[str, _SaveProgress] = {}
+        self._save_progress: dict[str, SaveProgress] = {}
         # worker side
         self._caches: list[torch.Tensor] = []  # by layer index
         self._layer_index: dict[str, int] = {}
@@ -321,7 +205,7 @@ class KvfuseConnectorImpl:
             if request is None or self._prepared_id(request) is not None:
                 continue  # a prepared prompt's KV is blended: never publish it as an exact prefix
             computed = int(new.num_computed_tokens)
-            self._save_progress[new.req_id] = _SaveProgress(list(new.block_ids[0]), computed // self.block_size)
+            self._save_progress[new.req_id] = SaveProgress(list(new.block_ids[0]), computed // self.block_size)
             self._plan_save(meta, new.req_id, computed, int(scheduled.get(new.req_id, 0)))
         cached: Any = getattr(scheduler_output, "scheduled_cached_reqs", None)
         for i, req_id in enumerate(_get(cached, "req_ids", default=[])):
@@ -378,6 +262,11 @@ class KvfuseConnectorImpl:
                     f"kvfuse expects [blocks, heads, {self.block_size}, 2*head_dim] KV views; {name} is "
                     f"{tuple(cache.shape)} (MLA and hybrid caches are not supported)"
                 )
+            if cache.dtype != self.keys.dtype:
+                raise ValueError(
+                    f"KV cache {name} is {cache.dtype}, but kvfuse keys this engine's blocks as {self.keys.dtype} "
+                    "(set kvfuse_kv_dtype in kv_connector_extra_config to the KV cache dtype)"
+                )
             index = layer_index(name)
             if index in by_index:
                 raise ValueError(f"KV caches {by_index[index]!r} and {name!r} both have layer index {index}")
@@ -404,7 +293,7 @@ class KvfuseConnectorImpl:
                     continue
                 head_dim = chunk.head_dim
                 for layer, cache in enumerate(caches):
-                    src = chunk.kv[layer].to(cache.device, cache.dtype)  # [2, H, N, D]
+                    src = chunk.kv[layer].to(cache.device)  # [2, H, N, D]; same dtype (checked by _fits)
                     cache[block_id, :, :, :head_dim] = src[0]
                     cache[block_id, :, :, head_dim:] = src[1]
 
@@ -417,6 +306,9 @@ class KvfuseConnectorImpl:
         )
         if not ok:
             log.warning("kvfuse block of shape %s does not fit the KV cache %s", tuple(chunk.kv.shape), cache.shape)
+        elif chunk.dtype != cache.dtype:  # never cast: stored KV of another dtype is a miss, vLLM recomputes it
+            log.warning("kvfuse block is %s, the KV cache %s: treated as a miss", chunk.dtype, cache.dtype)
+            ok = False
         return ok
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -454,7 +346,7 @@ class KvfuseConnectorImpl:
                 block = stacked[:, j]  # [L, H, N, 2D]
                 kv = torch.stack([block[..., :head_dim], block[..., head_dim:]], dim=1).contiguous()
                 lo = save.start_token + j * self.block_size
-                items.append((key, KVChunk(kv, torch.arange(lo, lo + self.block_size), self.keys.model_name)))
+                items.append((key, KVChunk(kv, torch.arange(lo, lo + self.block_size), self.keys.identity)))
         if items:
             self.store.put_many(items)
 

@@ -242,8 +242,10 @@ def test_fused_kv_export_is_an_sglang_prefix_hit(smollm2: LoadedModel, store: Ti
     ids = fused.token_ids.tolist()
     page = 16
     model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert fused.stats.reused_tokens == fused.stats.recomputed_tokens == 0  # a dense prefill: exact KV
     exported = export_fused_kv(
-        store, fused, ids, model_name=model, page_size=page, dtype=torch.float32, tp_size=3, namespace="t"
+        store, fused, ids, model_name=model, page_size=page, dtype=torch.float32, tp_size=3, namespace="t",
+        exact=True,
     )
     n_pages = (len(ids) - 1) // page
     assert len(exported) == n_pages >= 2 and exported.tokens == n_pages * page

@@ -40,7 +40,7 @@ def _vllm_config(tp_size: int = 1, tp_rank: int | None = None) -> Any:
         extra["kvfuse_tp_rank"] = tp_rank
     return SimpleNamespace(
         cache_config=SimpleNamespace(block_size=BS, prefix_caching_hash_algo="sha256"),
-        model_config=SimpleNamespace(model=MODEL),
+        model_config=SimpleNamespace(model=MODEL, dtype=torch.bfloat16),
         parallel_config=SimpleNamespace(tensor_parallel_size=tp_size),
         kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra),
     )
@@ -308,4 +308,4 @@ def test_layer_index_comes_from_the_layer_name(store: TieredStore) -> None:
 def test_refuses_ambiguous_layer_names(store: TieredStore, names: list[str], match: str) -> None:
     worker = KvfuseConnectorImpl(_vllm_config(), "worker", store=store)
     with pytest.raises(ValueError, match=match):
-        worker.register_kv_caches({n: torch.zeros(4, H, BS, 2 * D) for n in names})
+        worker.register_kv_caches({n: torch.zeros(4, H, BS, 2 * D, dtype=torch.bfloat16) for n in names})

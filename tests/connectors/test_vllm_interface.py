@@ -22,7 +22,7 @@ def test_connector_is_a_complete_kv_connector(tmp_path: Path) -> None:
     assert issubclass(mod.KvfuseConnectorMetadataV1, base.KVConnectorMetadata)
     cfg = SimpleNamespace(
         cache_config=SimpleNamespace(block_size=16, prefix_caching_hash_algo="sha256"),
-        model_config=SimpleNamespace(model="m"),
+        model_config=SimpleNamespace(model="m", dtype="bfloat16"),
         parallel_config=SimpleNamespace(tensor_parallel_size=1),
         kv_transfer_config=SimpleNamespace(
             kv_connector_extra_config={"kvfuse_store": {"cpu_bytes": 0, "ssd_dir": str(tmp_path)}}
