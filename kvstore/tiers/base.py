@@ -25,10 +25,10 @@ class Tier(ABC):
       ``stats.corrupt`` and reported as a miss, never returned. Returned chunks are read-only: callers clone
       before modifying them in place.
     - ``put``/``put_many`` store (replacing any previous value of the key) and return what was evicted to stay
-      within ``budget_bytes``. Memory tiers return evicted chunks; persistent tiers load them only when
-      ``collect_evicted`` is set (the store sets it when the tier below takes demotions) and return ``[]``
-      otherwise. A chunk larger than the whole budget is not stored and comes back as evicted itself.
-      ``owned=True`` says the caller hands the tensors over (nobody else writes them), so a memory tier may
+      within ``budget_bytes``, only when ``collect_evicted`` is set (the store sets it when the tier below
+      takes demotions; the device tier returns them always), ``[]`` otherwise. A chunk larger than the whole
+      budget, or one a full host arena cannot place, is not stored and comes back as evicted itself.
+      ``owned=True`` says the caller hands the tensors over (nobody else writes them), so a device tier may
       keep them without a copy.
     - Failures: :class:`~kvstore.errors.TierUnavailableError` when the medium cannot be reached (the store
       backs off), :class:`~kvstore.errors.TierError` for other failures of one operation (e.g. disk full);

@@ -1,4 +1,10 @@
-"""Device (GPU) and host (CPU) tiers: chunks kept as tensors, no encoding."""
+"""Device (GPU) and host (CPU) tiers: chunks kept as tensors, no encoding.
+
+The host tier keeps its chunks in a pre-allocated :class:`~kvstore.arena.HostArena` whose size is the
+tier's budget: a put is one copy into warm (pinned where CUDA exists) memory, a get returns the stored
+tensors without a copy, and the budget is accounted in arena bytes. An evicted chunk's block is reused only
+when no tensor still views it (see :mod:`kvstore.arena`). The device tier keeps tensors allocated by torch.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,10 @@ import threading
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from kvstore.arena import HostArena
 from kvstore.chunk import KVChunk
 from kvstore.hostmem import clone_to_host, cuda_available
 from kvstore.keys import ChunkKey
@@ -16,13 +24,30 @@ from kvstore.tiers.eviction import EvictionPolicy, make_policy
 from kvstore.tiers.stats import TierStats
 
 
+def _arena_nbytes(chunk: KVChunk) -> tuple[int, int]:
+    """(offset of the positions, total bytes) of ``chunk`` laid out in one arena block: KV, then positions."""
+    kv_bytes = chunk.kv.numel() * chunk.kv.element_size()
+    pos_off = -(-kv_bytes // 8) * 8
+    return pos_off, pos_off + chunk.num_tokens * 8
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[...] = src``: one ``memcpy`` (GIL released) for contiguous host tensors, else torch's copy."""
+    if src.device.type == "cpu" and src.is_contiguous() and src.numel():
+        d = dst.reshape(-1).view(torch.uint8).numpy()
+        np.copyto(d, src.reshape(-1).view(torch.uint8).numpy())
+    elif src.numel():
+        dst.copy_(src)
+
+
 class MemoryTier(Tier):
     """Chunks in device or host memory under a byte budget.
 
-    ``device="cpu"``: host memory, page-locked when ``pin_memory`` (default: when CUDA is available) so
-    transfers to the GPU are fast. ``device="cuda[:i]"``: GPU memory; positions stay on the host.
-    ``put`` copies the tensors into the tier's memory unless ``owned=True`` and they already live there;
-    ``get`` returns the stored tensors without a copy (read-only for the caller).
+    ``device="cpu"``: an arena of ``budget_bytes`` host memory, page-locked when ``pin_memory`` (default:
+    when CUDA is available) so transfers to the GPU are fast; ``prefault=True`` faults it all in at
+    construction (otherwise it is faulted in the background, ahead of use). ``device="cuda[:i]"``: GPU memory;
+    positions stay on the host, and ``put`` keeps tensors handed over with ``owned=True`` that already live
+    there. ``get`` returns the stored tensors without a copy (read-only for the caller).
     """
 
     def __init__(
@@ -32,6 +57,7 @@ class MemoryTier(Tier):
         device: str | torch.device = "cpu",
         policy: str | EvictionPolicy = "lru",
         pin_memory: bool | None = None,
+        prefault: bool = False,
         name: str | None = None,
     ) -> None:
         if budget_bytes < 0:
@@ -42,8 +68,15 @@ class MemoryTier(Tier):
         self.name = name or ("cpu" if self.device.type == "cpu" else "device")
         self._pin = self.device.type == "cpu" and (cuda_available() if pin_memory is None else pin_memory)
         self._budget = int(budget_bytes)
+        self.arena: HostArena | None = None
+        if self.device.type == "cpu":
+            self.arena = HostArena(self._budget, pin=self._pin)
+            self._budget = self.arena.capacity
+            if prefault:
+                self.arena.populate()
         self._policy = make_policy(policy) if isinstance(policy, str) else policy
         self._entries: dict[ChunkKey, KVChunk] = {}
+        self._sizes: dict[ChunkKey, int] = {}
         self._used = 0
         self._lock = threading.Lock()
         self.stats = TierStats()
@@ -56,24 +89,86 @@ class MemoryTier(Tier):
     def budget_bytes(self) -> int:
         return self._budget
 
-    def _resident(self, t: torch.Tensor) -> bool:
-        if t.device != self.device or not t.is_contiguous():
-            return False
-        return not self._pin or t.is_pinned()
+    @property
+    def retired_bytes(self) -> int:
+        """Arena bytes of chunks no longer stored whose memory a caller still views (0 on a device tier)."""
+        if self.arena is None:
+            return 0
+        with self._lock:
+            return max(0, self.arena.allocated_bytes - self._used)
 
-    def _adopt(self, chunk: KVChunk, owned: bool) -> KVChunk:
-        """The chunk in this tier's memory, copied unless handed over and already resident."""
+    def _size_of(self, chunk: KVChunk) -> int:
+        return HostArena.block_size(_arena_nbytes(chunk)[1]) if self.arena is not None else chunk.nbytes
+
+    # -- placing a chunk in this tier's memory --------------------------------------------------------
+    def _to_device(self, chunk: KVChunk, owned: bool) -> KVChunk:
         positions = chunk.positions
         if not owned or positions.device.type != "cpu":
             positions = positions.to("cpu", copy=True)
-        if owned and self._resident(chunk.kv):
-            kv = chunk.kv
-        elif self.device.type == "cpu":
-            kv = clone_to_host(chunk.kv, self._pin)
-        else:
-            kv = torch.empty(chunk.kv.shape, dtype=chunk.kv.dtype, device=self.device)
+        kv = chunk.kv
+        if not (owned and kv.device == self.device and kv.is_contiguous()):
+            kv = torch.empty(kv.shape, dtype=kv.dtype, device=self.device)
             kv.copy_(chunk.kv)
         return KVChunk(kv, positions, chunk.fingerprint)
+
+    def _reserve(self, nbytes: int) -> tuple[torch.Tensor | None, list[Evicted]]:
+        """An arena lease of ``nbytes``, evicting by policy until one fits; ``None`` if nothing is left to evict
+        (the arena is then held by chunks that callers still view)."""
+        assert self.arena is not None
+        evicted: list[Evicted] = []
+        count = 0
+        with self._lock:
+            while (lease := self.arena.alloc(nbytes)) is None:
+                victim = self._policy.victim()
+                if victim is None:
+                    break
+                gone = self._remove_locked(victim)
+                count += 1
+                if self.collect_evicted:  # the tier below takes it: hand over a copy, free the block now
+                    kv, pos = clone_to_host(gone.kv), gone.positions.clone()
+                    evicted.append((victim, KVChunk(kv, pos, gone.fingerprint)))
+                del gone  # the last reference (unless a caller views it): its block is freed here
+        self.stats.add(evictions=count)
+        return lease, evicted
+
+    def _fill(self, lease: torch.Tensor, chunk: KVChunk) -> KVChunk:
+        pos_off, total = _arena_nbytes(chunk)
+        kv_bytes = chunk.kv.numel() * chunk.kv.element_size()
+        kv = lease[:kv_bytes].view(chunk.kv.dtype).view(chunk.kv.shape)
+        positions = lease[pos_off:total].view(torch.int64)
+        _copy_into(kv, chunk.kv.detach())
+        _copy_into(positions, chunk.positions.detach().to(torch.int64))
+        return KVChunk(kv, positions, chunk.fingerprint)
+
+    def _place(self, chunk: KVChunk, owned: bool) -> tuple[KVChunk | None, list[Evicted]]:
+        """The chunk in this tier's memory (``None``: no room) and what was evicted to make room."""
+        if self.arena is None:
+            return self._to_device(chunk, owned), []
+        lease, evicted = self._reserve(_arena_nbytes(chunk)[1])
+        return (None if lease is None else self._fill(lease, chunk)), evicted
+
+    # -- index ----------------------------------------------------------------------------------------
+    def _remove_locked(self, key: ChunkKey) -> KVChunk:
+        self._policy.remove(key)
+        self._used -= self._sizes.pop(key)
+        return self._entries.pop(key)
+
+    def _insert_locked(self, key: ChunkKey, stored: KVChunk) -> list[Evicted]:
+        """Put ``stored`` under ``key`` (replacing); a device tier evicts to fit. The caller holds ``_lock``."""
+        size = self._size_of(stored)
+        evicted: list[Evicted] = []
+        if key in self._entries:
+            self._remove_locked(key)
+        while self.arena is None and self._used + size > self._budget:
+            victim = self._policy.victim()
+            if victim is None:  # pragma: no cover - accounting invariant
+                break
+            evicted.append((victim, self._remove_locked(victim)))
+        self._entries[key] = stored
+        self._sizes[key] = size
+        self._used += size
+        self._policy.insert(key, size)
+        return evicted
 
     def get(self, key: ChunkKey) -> KVChunk | None:
         return self.get_many([key])[0]
@@ -91,39 +186,25 @@ class MemoryTier(Tier):
         )
         return out
 
-    def _insert_locked(self, key: ChunkKey, stored: KVChunk) -> list[Evicted]:
-        """Put ``stored`` under ``key`` (replacing), evicting to fit; the caller holds ``_lock``."""
-        size = stored.nbytes
-        evicted: list[Evicted] = []
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._used -= old.nbytes
-            self._policy.remove(key)
-        while self._used + size > self._budget:
-            victim = self._policy.victim()
-            if victim is None:  # pragma: no cover - accounting invariant
-                break
-            self._policy.remove(victim)
-            gone = self._entries.pop(victim)
-            self._used -= gone.nbytes
-            evicted.append((victim, gone))
-        self._entries[key] = stored
-        self._used += size
-        self._policy.insert(key, size)
-        return evicted
+    def _too_big(self, key: ChunkKey, chunk: KVChunk) -> bool:
+        if self._size_of(chunk) <= self._budget:
+            return False
+        self.stats.add(evictions=1)
+        return True
 
     def put(self, key: ChunkKey, chunk: KVChunk, *, owned: bool = False) -> list[Evicted]:
         start = time.perf_counter()
-        size = chunk.nbytes
-        if size > self._budget:
-            self.stats.add(evictions=1)
+        if self._too_big(key, chunk):
             return [(key, chunk)]
-        stored = self._adopt(chunk, owned)
+        stored, evicted = self._place(chunk, owned)
+        if stored is None:  # the arena is held by views of evicted chunks: not stored
+            self.stats.add(evictions=1)
+            return [*evicted, (key, chunk)]
         with self._lock:
-            evicted = self._insert_locked(key, stored)
-        self.stats.add(evictions=len(evicted))
-        self.stats.record_put(1, size, time.perf_counter() - start)
-        return evicted
+            gone = self._insert_locked(key, stored)
+        self.stats.add(evictions=len(gone))
+        self.stats.record_put(1, chunk.nbytes, time.perf_counter() - start)
+        return evicted + gone
 
     def put_many_if_absent(
         self, items: Sequence[tuple[ChunkKey, KVChunk]], *, owned: bool = False
@@ -134,15 +215,15 @@ class MemoryTier(Tier):
         evicted: list[Evicted] = []
         nbytes = 0
         for key, chunk in items:
-            if chunk.nbytes > self._budget:
-                self.stats.add(evictions=1)
+            if self._too_big(key, chunk):
                 evicted.append((key, chunk))
                 stored.append(False)
                 continue
             with self._lock:
                 present = key in self._entries
             # copy outside the lock (as put does); the decision is taken again under it
-            copy = None if present else self._adopt(chunk, owned)
+            copy, more = (None, []) if present else self._place(chunk, owned)
+            evicted.extend(more)
             won = False
             with self._lock:
                 if copy is not None and key not in self._entries:
@@ -150,6 +231,7 @@ class MemoryTier(Tier):
                     evicted.extend(gone)
                     self.stats.add(evictions=len(gone))
                     won = True
+            del copy  # a loser's copy: its block goes back to the arena
             stored.append(won)
             nbytes += chunk.nbytes if won else 0
         self.stats.record_put(sum(stored), nbytes, time.perf_counter() - start)
@@ -165,11 +247,9 @@ class MemoryTier(Tier):
 
     def delete(self, key: ChunkKey) -> bool:
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is None:
+            if key not in self._entries:
                 return False
-            self._used -= old.nbytes
-            self._policy.remove(key)
+            self._remove_locked(key)
             return True
 
     def keys(self) -> list[ChunkKey]:
@@ -179,6 +259,7 @@ class MemoryTier(Tier):
     def close(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._sizes.clear()
             self._used = 0
             for k in list(self._policy):
                 self._policy.remove(k)
