@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from kvstore.hostmem import empty_host
+
 log = logging.getLogger(__name__)
 
 ALIGN = 64  # block granularity: a cache line, enough for every KV dtype and for SIMD copies
@@ -80,7 +82,6 @@ class HostArena:
         self._ahead = max(0, populate_ahead)
         if self.capacity:
             self._insert_free(0, self.capacity)
-        self._schedule_populate(0)
 
     # -- accounting ---------------------------------------------------------------------------------
     @property
@@ -118,12 +119,17 @@ class HostArena:
             self._allocated += size
             self._high_water = max(self._high_water, start + size)
             high_water = self._high_water
-        self._schedule_populate(high_water)
+        self._schedule_populate(high_water + min(self._ahead, 8 * size))
         handle = self._array[start : start + size]
         finalizer = weakref.finalize(handle, self._freed.append, (start, size))
         finalizer.atexit = False
         lease = torch.from_numpy(handle)  # the storage keeps ``handle`` alive, and with it the block
         return lease[:nbytes]
+
+    def lease(self, nbytes: int) -> torch.Tensor:
+        """A lease from the arena, or a fresh host buffer when the arena has no free block that fits."""
+        got = self.alloc(nbytes)
+        return got if got is not None else empty_host(nbytes, self.pinned)
 
     def _take_locked(self, size: int) -> int | None:
         units = size // ALIGN
@@ -173,10 +179,11 @@ class HostArena:
         """Fault the whole arena in now (blocking); contents are not changed."""
         self._populate_to(self.capacity)
 
-    def _schedule_populate(self, high_water: int) -> None:
+    def _schedule_populate(self, target: int) -> None:
+        """Fault pages in, in the background, up to ``target`` (a little ahead of the highest block used)."""
         if self._mmap is None:
             return
-        target = min(self.capacity, high_water + self._ahead)
+        target = min(self.capacity, target)
         with self._lock:
             if self._populating or target <= self._populated:
                 return

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+from kvstore.arena import HostArena
 from kvstore.chunk import KVChunk
 from kvstore.codec import EncodedBlob, decode_buffer, encode_parts, verify
 from kvstore.errors import CodecError, TierError
@@ -58,6 +59,7 @@ class SSDTier(Tier):
         fsync: FsyncPolicy = "always",
         policy: str | EvictionPolicy = "lru",
         io_threads: int = 4,
+        read_buffer_bytes: int = 128 << 20,
         name: str = "ssd",
     ) -> None:
         if fsync not in ("always", "never"):
@@ -74,6 +76,7 @@ class SSDTier(Tier):
         self._lock = threading.Lock()
         self._dirs: set[str] = set()
         self.stats = TierStats()
+        self._buffers = HostArena(read_buffer_bytes)  # reads land in warm memory, reused once callers let go
         self._pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix=f"kvstore-{name}")
         os.makedirs(self.root, exist_ok=True)
         self._scan()
@@ -148,7 +151,7 @@ class SSDTier(Tier):
             self._policy.touch(key)
         path = self.path_of(key)
         try:
-            buf, ino = read_file(path)
+            buf, ino = read_file(path, self._buffers.lease)
         except FileNotFoundError:
             self._forget(key)
             return None, 0
@@ -173,11 +176,8 @@ class SSDTier(Tier):
     def get_many(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
         """Files are read in parallel (``io_threads``); a key whose read fails is a miss, unless all fail."""
         start = time.perf_counter()
-        loaded = (
-            list(self._pool.map(self._load_or_error, keys))
-            if len(keys) > 1
-            else [self._load_or_error(k) for k in keys]
-        )
+        load = self._load_or_error
+        loaded = [load(k) for k in keys] if len(keys) <= 1 else list(self._pool.map(load, keys))
         failed = [exc for _, _, exc in loaded if exc is not None]
         if failed and len(failed) == len(keys):
             raise failed[0]
@@ -334,9 +334,8 @@ class SSDTier(Tier):
         for j, (key, _) in enumerate(items):
             first.setdefault(key, j)
         jobs = [items[j] for j in sorted(first.values())]
-        results = list(self._pool.map(lambda kc: self._put_new(*kc), jobs)) if len(jobs) > 1 else [
-            self._put_new(*kc) for kc in jobs
-        ]
+        results = [self._put_new(*kc) for kc in jobs] if len(jobs) <= 1 else list(
+            self._pool.map(lambda kc: self._put_new(*kc), jobs))
         won = {key: ok for (key, _), (ok, _) in zip(jobs, results, strict=True)}
         stored = [won[key] and first[key] == j for j, (key, _) in enumerate(items)]
         return stored, [e for _, evicted in results for e in evicted]

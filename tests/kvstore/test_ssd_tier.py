@@ -3,6 +3,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -137,10 +138,10 @@ def test_batch_read_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     real = ssd_module.read_file
     bad = tier.path_of(key(1))
 
-    def flaky(path: str):  # type: ignore[no-untyped-def]
+    def flaky(path: str, alloc: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, int]:
         if path == bad:
             raise OSError(errno.EIO, "Input/output error")
-        return real(path)
+        return real(path, alloc)
 
     monkeypatch.setattr(ssd_module, "read_file", flaky)
     got = tier.get_many([key(0), key(1), key(2)])
