@@ -1,14 +1,18 @@
-"""Decoding from a fused KV cache with the model's own forward and a transformers ``DynamicCache``."""
+"""Decoding from a fused KV cache with the model's own forward and a transformers ``DynamicCache``, and the
+dense prefill, both in pieces that let the engine's fair model lock hand the model to other tenants."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from blending.fused import FusedKV
+from blending.adapter import ModelAdapter
+from blending.fused import BlendStats, FusedKV
 
 
 def to_dynamic_cache(model: PreTrainedModel, kv: torch.Tensor) -> DynamicCache:
@@ -19,18 +23,70 @@ def to_dynamic_cache(model: PreTrainedModel, kv: torch.Tensor) -> DynamicCache:
     return cache
 
 
+def dense_prefill(
+    adapter: ModelAdapter | None,
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    chunk_tokens: int,
+    between: Callable[[], object] | None = None,
+) -> FusedKV:
+    """Dense prefill of ``ids`` in pieces of ``chunk_tokens`` tokens, each piece attending to the KV of the
+    ones before it (``adapter.prefill(piece, past_kv)``; HF's own forward with a ``DynamicCache`` for an
+    architecture the adapter does not support), calling ``between()`` between two pieces."""
+    step = max(1, chunk_tokens)
+    t0 = time.perf_counter()
+    stats = BlendStats(total_tokens=len(ids), computed_tokens=len(ids))
+    starts = range(0, len(ids), step)
+    if adapter is not None:
+        kv: torch.Tensor | None = None
+        for start in starts:
+            if start and between is not None:
+                between()
+            kv, logits = adapter.prefill(ids[start : start + step], kv)
+        assert kv is not None
+        last = logits[-1]
+    else:
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            for start in starts:
+                if start and between is not None:
+                    between()
+                out = model(input_ids=ids[start : start + step][None].to(model.device), past_key_values=cache,
+                            use_cache=True)  # fmt: skip
+        layers: Any = cache.layers
+        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])
+        last = out.logits[0, -1].float()
+    stats.times["compute"] = time.perf_counter() - t0
+    return FusedKV(kv, ids, torch.arange(len(ids)), last, stats)
+
+
 @torch.inference_mode()
-def teacher_forced_logits(model: PreTrainedModel, fused: FusedKV, continuation: torch.Tensor) -> torch.Tensor:
+def teacher_forced_logits(
+    model: PreTrainedModel,
+    fused: FusedKV,
+    continuation: torch.Tensor,
+    chunk_tokens: int | None = None,
+    between: Callable[[], object] | None = None,
+) -> torch.Tensor:
     """Float32 next-token logits ``[len(continuation), vocab]``: row i predicts ``continuation[i]``
-    given the prompt and ``continuation[:i]``, decoding from the fused cache (no second prefill)."""
+    given the prompt and ``continuation[:i]``, decoding from the fused cache (no second prefill).
+
+    ``chunk_tokens``: feed the continuation in pieces of that many tokens (one cache, the same logits up
+    to float rounding), calling ``between()`` between two pieces (the engine offers the model to a waiting
+    request there: :meth:`blending.scheduler.FairLock.yield_turn`)."""
     rows = [fused.last_logits[None].float()]
     if len(continuation) > 1:
         cache = to_dynamic_cache(model, fused.kv.clone())
         n = fused.kv.shape[3]
-        ids = continuation[:-1].to(model.device)[None]
-        pos = torch.arange(n, n + ids.shape[1], device=model.device)[None]
-        out = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True)
-        rows.append(out.logits[0].float())
+        ids = continuation[:-1].to(model.device)
+        step = chunk_tokens if chunk_tokens and chunk_tokens > 0 else len(ids)
+        for start in range(0, len(ids), step):
+            if start and between is not None:
+                between()
+            piece = ids[start : start + step][None]
+            pos = torch.arange(n + start, n + start + piece.shape[1], device=model.device)[None]
+            out = model(input_ids=piece, past_key_values=cache, position_ids=pos, use_cache=True)
+            rows.append(out.logits[0].float())
     return torch.cat(rows)
 
 

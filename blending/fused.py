@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import torch
+from pydantic import ConfigDict, Field
 
+from blending.accounting import TokenAccounting
 from kvstore.chunk import KVChunk
 
 
@@ -35,30 +38,47 @@ class SegmentInput:
             )
 
 
-@dataclass
-class BlendStats:
-    """Token accounting and time per phase (seconds) of one fused prefill."""
+class BlendStats(TokenAccounting):
+    """Token accounting (:class:`~blending.accounting.TokenAccounting`: the counts must add up) and time
+    per phase (seconds) of one fused prefill. ``total_tokens`` is accepted and kept as an alias of
+    ``prompt_tokens``."""
 
-    total_tokens: int = 0
-    exact_tokens: int = 0
-    reused_tokens: int = 0  # cached tokens whose KV was kept past the check layer
-    recomputed_tokens: int = 0  # cached tokens selected and recomputed
-    computed_tokens: int = 0  # fresh tokens
-    times: dict[str, float] = field(default_factory=dict)
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    times: dict[str, float] = Field(default_factory=dict, exclude=True)
+
+    def __init__(
+        self,
+        *,
+        prompt_tokens: int | None = None,
+        total_tokens: int | None = None,
+        exact_tokens: int = 0,
+        reused_tokens: int = 0,
+        recomputed_tokens: int = 0,
+        computed_tokens: int = 0,
+        times: dict[str, float] | None = None,
+    ) -> None:
+        if prompt_tokens is not None and total_tokens is not None and prompt_tokens != total_tokens:
+            raise ValueError("prompt_tokens and total_tokens (its alias) differ")
+        total = prompt_tokens if prompt_tokens is not None else total_tokens
+        fields: dict[str, Any] = {
+            "prompt_tokens": total or 0,
+            "exact_tokens": exact_tokens,
+            "reused_tokens": reused_tokens,
+            "recomputed_tokens": recomputed_tokens,
+            "computed_tokens": computed_tokens,
+            "times": times or {},
+        }
+        super().__init__(**fields)
 
     @property
-    def cached_tokens(self) -> int:
-        """Tokens whose KV came from the cache (exact or blended), as OpenAI's usage reports them."""
-        return self.exact_tokens + self.reused_tokens + self.recomputed_tokens
+    def total_tokens(self) -> int:
+        return self.prompt_tokens
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "total_tokens": self.total_tokens,
-            "exact_tokens": self.exact_tokens,
-            "reused_tokens": self.reused_tokens,
-            "recomputed_tokens": self.recomputed_tokens,
-            "computed_tokens": self.computed_tokens,
-            "cached_tokens": self.cached_tokens,
+            "total_tokens": self.prompt_tokens,
+            **self.tokens(),
             "times_ms": {k: round(v * 1000, 3) for k, v in self.times.items()},
         }
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from blending.accounting import ReuseReport
+
 DEFAULT_URL = os.environ.get("KVFUSE_URL", "http://127.0.0.1:8000")
 CACHE_CONTROL = {"type": "ephemeral"}
 Message = dict[str, Any]
@@ -39,28 +41,17 @@ class KVFuseAPIError(KVFuseError):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
 
-@dataclass(frozen=True)
-class ReuseInfo:
-    """The response's ``kvfuse`` block: how the prompt's KV was obtained."""
-
-    mode: str
-    requested_mode: str
-    fallback_reason: str | None
-    ttft_ms: float
-    prompt_tokens: int
-    cached_tokens: int
-    reused_tokens: int
-    recomputed_tokens: int
-    computed_tokens: int
-    chunk_hits: int
-    chunk_misses: int
+class ReuseInfo(ReuseReport):
+    """The response's ``kvfuse`` block: how the prompt's KV was obtained. The service's own model
+    (``blending.accounting.ReuseReport``): token counts that add up to ``prompt_tokens`` (checked on
+    parsing), ``cached_tokens`` derived from them, the mode, TTFT and queue time."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ReuseInfo:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls.model_validate(dict(d))
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return self.model_dump()
 
 
 @dataclass(frozen=True)
