@@ -33,6 +33,32 @@ def resolve_tenant(api_keys: dict[str, str], authorization: str | None) -> str:
     return tenant
 
 
+def _bearer(authorization: str | None) -> str | None:
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def is_admin(admin_keys: list[str], authorization: str | None) -> bool:
+    """Whether the request carries one of the admin keys (compared in constant time)."""
+    token = _bearer(authorization)
+    if token is None:
+        return False
+    found = False
+    for key in admin_keys:
+        found |= hmac.compare_digest(key.encode(), token.encode())
+    return found
+
+
+def scope(request: Request, state: StateDep) -> str | None:
+    """FastAPI dependency for service-wide views (``/v1/stats``): None (everything) for an admin key, or
+    when no API keys are configured (one tenant); else the caller's tenant (401 without a valid key)."""
+    settings = state.settings
+    if not settings.api_keys or is_admin(settings.admin_keys, request.headers.get("authorization")):
+        request.state.tenant = "admin" if settings.api_keys else DEFAULT_TENANT
+        return None
+    return tenant(request, state)
+
+
 def tenant(request: Request, state: StateDep) -> str:
     """FastAPI dependency: the request's tenant (also recorded for the access log)."""
     name = resolve_tenant(state.settings.api_keys, request.headers.get("authorization"))
@@ -41,3 +67,4 @@ def tenant(request: Request, state: StateDep) -> str:
 
 
 TenantDep = Annotated[str, Depends(tenant)]
+ScopeDep = Annotated[str | None, Depends(scope)]

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from server.config import Settings, load_settings
+from server.config import Settings, SettingsError, load_settings
 
 app = typer.Typer(
     help="kvfuse: KV-reuse cache service for RAG and multi-agent LLM applications.",
@@ -31,9 +31,15 @@ KeyOpt = Annotated[str | None, typer.Option(envvar="KVFUSE_API_KEY", help="API k
 def _settings(config: Path | None, **overrides: Any) -> Settings:
     try:
         return load_settings(config, **overrides)
-    except (FileNotFoundError, ValueError) as exc:
+    except SettingsError as exc:
         typer.secho(f"error: bad settings: {exc}", err=True, fg="red")
-        raise typer.Exit(2) from exc
+        raise typer.Exit(2) from None
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    """One red line on stderr for a start-up failure, and exit code 1."""
+    typer.secho(f"error: {exc}", err=True, fg="red")
+    return typer.Exit(1)
 
 
 @app.command()
@@ -65,15 +71,16 @@ def serve(
 
     from blending.model import ModelLoadError
     from server.app import create_app
-    from server.runtime import build_engine, configure_logging
+    from server.runtime import StartupError, build_engine, configure_logging
 
     settings = _settings(config, **overrides)
     configure_logging(settings.log_level)
     try:
         engine = build_engine(settings)
-    except ModelLoadError as exc:
-        typer.secho(f"error: {exc}", err=True, fg="red")
-        raise typer.Exit(1) from exc
+    except (ModelLoadError, StartupError) as exc:
+        raise _fail(exc) from None
+    except ValueError as exc:  # e.g. engine settings the model cannot honour
+        raise _fail(ValueError(f"bad settings for this model: {exc}")) from None
     typer.echo(f"kvfuse: serving {engine.loaded.name} on http://{settings.host}:{settings.port}", err=True)
     try:
         uvicorn.run(
@@ -181,11 +188,15 @@ Warmer = Callable[[str], tuple[str, int]]
 
 @contextmanager
 def _local_warm(settings: Settings, tenant: str, system: str | None) -> Iterator[Warmer]:
+    from blending.model import ModelLoadError
     from server.render import Renderer
-    from server.runtime import build_engine
+    from server.runtime import StartupError, build_engine
     from server.tenancy import KeyMapper, load_secret
 
-    engine = build_engine(settings)
+    try:
+        engine = build_engine(settings)
+    except (ModelLoadError, StartupError) as exc:
+        raise _fail(exc) from None
     keys = KeyMapper(load_secret(settings.key_secret, settings.data_dir))
     prefix = Renderer(engine.tokenizer).chat_prefix(system) or None
 
@@ -253,11 +264,14 @@ def stats(
         typer.echo(json.dumps(data, indent=2))
         return
     console = Console()
-    table = Table(title=f"kvfuse store ({data['model']})")
-    cols = ("name", "available", "used_bytes", "budget_bytes", "hits", "misses", "evictions", "errors")
+    scope = f"tenant {data['tenant']}" if data.get("scope") == "tenant" else "service"
+    table = Table(title=f"kvfuse store ({data['model']}, {scope})")
+    tiers = data["store"]["tiers"]
+    cols = [c for c in ("name", "available", "used_bytes", "budget_bytes", "hits", "misses", "evictions", "errors")
+            if all(c in t for t in tiers)]  # fmt: skip  # a tenant sees availability only
     for c in cols:
         table.add_column(c, justify="left" if c == "name" else "right")
-    for tier in data["store"]["tiers"]:
+    for tier in tiers:
         table.add_row(*(str(tier[c]) for c in cols))
     console.print(table)
     reuse = Table(title="reuse totals")

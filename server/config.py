@@ -17,7 +17,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -69,6 +70,7 @@ def default_data_dir() -> Path:
 class Limits(BaseModel):
     """Per-request limits; violations are answered with a 4xx JSON error."""
 
+    model_config = ConfigDict(extra="forbid")
     max_body_bytes: int = 64 << 20
     max_documents: int = 64
     max_prompt_tokens: int = 8192
@@ -105,16 +107,26 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_cluster: bool = False
     api_keys: dict[str, str] = Field(default_factory=dict)  # API key -> tenant; empty: one tenant
+    admin_keys: list[str] = Field(default_factory=list)  # keys that see service-wide /v1/stats
     key_secret: str | None = None  # chunk-API key mapping secret; default: <data_dir>/secret
     limits: Limits = Field(default_factory=Limits)
     mode: ModeName = "auto"
     recompute_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    request_deadline_s: float = Field(default=60.0, gt=0.0, allow_inf_nan=False)  # max wait for a first turn
+    prefill_chunk_tokens: int = Field(default=256, ge=1)  # tokens between two turns offered to other tenants
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("cpu_bytes", "ssd_bytes", mode="before")
     @classmethod
     def _bytes(cls, v: Any) -> int:
         return parse_bytes(v)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -137,14 +149,47 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message is one line, meant for the operator."""
+
+
+def describe(exc: ValidationError) -> str:
+    """A settings validation error as one line: ``port: Input should be ...; colour: unknown setting``."""
+    parts = []
+    for error in exc.errors():
+        loc = ".".join(str(p) for p in error["loc"])
+        msg = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    return f"{path}: invalid YAML{where}: {problem}"
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build :class:`Settings` from the YAML file (``config`` or ``$KVFUSE_CONFIG``), the environment and
-    ``overrides`` (CLI flags; ``None`` values are ignored)."""
+    ``overrides`` (CLI flags; ``None`` values are ignored). Every problem (a missing file, invalid YAML, a
+    file that is not a mapping, an unknown or invalid setting) is a :class:`SettingsError` in one line."""
     path = config or os.environ.get("KVFUSE_CONFIG")
     if path is not None and not Path(path).is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise SettingsError(f"config file not found: {path}")
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise SettingsError(_yaml_problem(Path(path), exc)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"cannot read {path}: {exc}") from None
+        if data is not None and not isinstance(data, dict):
+            raise SettingsError(f"{path}: the settings file must be a mapping of setting: value")
     token = _yaml_path.set(Path(path) if path else None)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise SettingsError(describe(exc)) from None
     finally:
         _yaml_path.reset(token)

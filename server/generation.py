@@ -13,6 +13,7 @@ import torch
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from blending import scheduler
 from blending.decode import SamplingParams, generate_tokens
 from blending.engine import PrefillRequest, PrefillResult, PromptTooLongError
 from blending.planner import PromptSegment
@@ -81,13 +82,14 @@ def decode_steps(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``Engine.generate`` with the first token yielded without taking the model lock: it is sampled
     from the prefill's logits (no forward pass), so a finished prefill answers at once even while
-    other requests' prefills queue on the lock. Later steps hold the lock one step at a time."""
+    other requests' prefills queue on the lock. Later steps take one turn of the fair model lock each, as
+    the request's tenant (a started request: no deadline)."""
     engine = state.engine
     steps = generate_tokens(engine.model, result.fused, params)
     step = next(steps, None)
     while step is not None:
         yield step
-        with engine.model_lock:
+        with scheduler.tenant(result.namespace), engine.model_lock:
             step = next(steps, None)
 
 
@@ -125,6 +127,24 @@ def _check_tokens(state: ServerState, segments: Sequence[PromptSegment], param: 
         raise APIError(400, f"prompt has {n} tokens; the limit is {limit}", param, "prompt_too_long")
 
 
+def arrival(request: Request) -> float:
+    """When the request arrived (``time.monotonic``; set by the service middleware)."""
+    value = getattr(request.state, "arrival", None)
+    return float(value) if value is not None else time.monotonic()
+
+
+def run_prefill(state: ServerState, req: PrefillRequest, arrived: float) -> PrefillResult:
+    """The engine's prefill as one request of the fair scheduler (blocking; run it in the threadpool): it
+    waits at most ``request_deadline_s`` from arrival for its first turn (else ``QueueTimeout``: 503), its
+    queue time is reported apart, and its TTFT runs from arrival, queue included."""
+    ctx = scheduler.RequestContext(req.namespace, state.settings.request_deadline_s, arrival=arrived)
+    with ctx.active():
+        result = state.engine.prefill(req)
+    result.queue_s = ctx.queue_s or 0.0
+    result.ttft_s = time.monotonic() - arrived
+    return result
+
+
 async def prefill(
     request: Request,
     state: ServerState,
@@ -134,20 +154,20 @@ async def prefill(
     param: str = "messages",
 ) -> PrefillResult:
     """Run the engine's prefill in the threadpool; limit and engine errors become 4xx (``param`` names
-    the request field holding the prompt)."""
+    the request field holding the prompt), a request that cannot get the model in time a 503."""
     mode, ratio = resolve_mode(state, options)
     request.state.requested_mode = mode
     await run_in_threadpool(_check_tokens, state, segments, param)
     req = PrefillRequest(tuple(segments), namespace=tenant, mode=mode, recompute_ratio=ratio)  # type: ignore[arg-type]
     try:
-        result = await run_in_threadpool(state.engine.prefill, req)
+        result = await run_in_threadpool(run_prefill, state, req, arrival(request))
     except PromptTooLongError as exc:
         raise APIError(400, str(exc), param, "prompt_too_long") from exc
     except ValueError as exc:
         raise APIError(400, str(exc), param) from exc
     summary = result.summary()
-    state.metrics.observe_prefill(summary, mode)
-    for k in ("mode", "cached_tokens", "prompt_tokens", "ttft_ms", "fallback_reason"):
+    state.metrics.observe_prefill(summary, mode, tenant)
+    for k in ("mode", "cached_tokens", "prompt_tokens", "ttft_ms", "queue_ms", "fallback_reason"):
         setattr(request.state, k, summary[k])
     return result
 
@@ -200,28 +220,38 @@ def generate_all(
     return out
 
 
-def score(state: ServerState, result: PrefillResult, continuation: str, top: int) -> list[TokenLogprob]:
-    """Teacher-forced logprobs of ``continuation`` after the prompt (blocking)."""
+def continuation_ids(state: ServerState, continuation: str) -> torch.Tensor:
+    """The continuation's token ids, within ``limits.max_prompt_tokens`` (checked before any prefill)."""
     ids = state.engine.tokenize(continuation)
     if len(ids) == 0:
         raise APIError(400, "continuation has no tokens", "continuation")
-    logits = state.engine.score(result, ids)
+    limit = state.settings.limits.max_prompt_tokens
+    if len(ids) > limit:
+        raise APIError(400, f"continuation has {len(ids)} tokens; the limit is {limit}", "continuation",
+                       "prompt_too_long")  # fmt: skip
+    return ids
+
+
+def score(state: ServerState, result: PrefillResult, ids: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Teacher-forced logprobs of the continuation ``ids`` after the prompt (blocking; the engine runs it in
+    chunks between which other tenants' requests get the model)."""
+    with scheduler.tenant(result.namespace):
+        logits = state.engine.score(result, ids)
     return [token_logprob(state.engine.tokenizer, row, int(t), top) for row, t in zip(logits, ids, strict=True)]
 
 
 def usage(result: PrefillResult, completion_tokens: int) -> Usage:
-    s = result.summary()
-    prompt = int(s["prompt_tokens"])  # type: ignore[call-overload]
+    report = result.report()
     return Usage(
-        prompt_tokens=prompt,
+        prompt_tokens=report.prompt_tokens,
         completion_tokens=completion_tokens,
-        total_tokens=prompt + completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=int(s["cached_tokens"])),  # type: ignore[call-overload]
+        total_tokens=report.prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=report.cached_tokens),
     )
 
 
 def kvfuse_info(result: PrefillResult, requested: str) -> KVFuseInfo:
-    return KVFuseInfo(requested_mode=requested, **result.summary())  # type: ignore[arg-type]
+    return KVFuseInfo(**{**result.report().model_dump(), "requested_mode": requested})
 
 
 def new_id(prefix: str) -> tuple[str, int]:

@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from blending.accounting import TOKEN_FIELDS
+from blending.scheduler import FairLock
 from kvstore.store import TieredStore
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -19,7 +21,7 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 class StoreCollector(Collector):
     """Per-tier gauges read from ``store.stats()`` at scrape time."""
 
-    def __init__(self, store: TieredStore) -> None:
+    def __init__(self, store: TieredStore, lock: FairLock | None = None) -> None:
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -37,19 +39,37 @@ class StoreCollector(Collector):
         yield available
 
 
+class SchedulerCollector(Collector):
+    """The fair model lock at scrape time: requests waiting for the model, turns refused at the deadline."""
+
+    def __init__(self, lock: FairLock) -> None:
+        self.lock = lock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        waiting = GaugeMetricFamily("kvfuse_model_waiting", "requests waiting for a turn of the model")
+        waiting.add_metric([], float(self.lock.waiting()))
+        timeouts = GaugeMetricFamily("kvfuse_model_queue_timeouts", "requests refused (503) at their deadline")
+        timeouts.add_metric([], float(self.lock.timeouts))
+        yields = GaugeMetricFamily("kvfuse_model_yields", "turns a long computation gave to another tenant")
+        yields.add_metric([], float(self.lock.yields))
+        yield from (waiting, timeouts, yields)
+
+
 @dataclass
 class ReuseTotals:
     """Running totals over answered prompts; ``ttft_saved_ms`` is estimated against a dense prefill at
-    the measured dense cost per prompt token (an exponential moving average)."""
+    the measured dense cost per prompt token (an exponential moving average of TTFT minus queue time)."""
 
     requests: int = 0
     prompt_tokens: int = 0
-    cached_tokens: int = 0
+    exact_tokens: int = 0
     reused_tokens: int = 0
     recomputed_tokens: int = 0
     computed_tokens: int = 0
+    cached_tokens: int = 0
     dense_fallbacks: int = 0
     ttft_ms_total: float = 0.0
+    queue_ms_total: float = 0.0
     ttft_saved_ms: float = 0.0
     dense_ms_per_token: float | None = None
     _reuse_ttft_ms: float = 0.0
@@ -57,10 +77,12 @@ class ReuseTotals:
 
     def add(self, s: dict[str, Any], requested: str) -> None:
         self.requests += 1
-        for f in ("prompt_tokens", "cached_tokens", "reused_tokens", "recomputed_tokens", "computed_tokens"):
+        for f in (*TOKEN_FIELDS, "cached_tokens"):
             setattr(self, f, getattr(self, f) + int(s[f]))
-        ttft = float(s["ttft_ms"])
-        self.ttft_ms_total += ttft
+        queue = float(s.get("queue_ms", 0.0))
+        self.ttft_ms_total += float(s["ttft_ms"])
+        self.queue_ms_total += queue
+        ttft = float(s["ttft_ms"]) - queue  # the work, not the wait
         if s["mode"] == "dense":
             self.dense_fallbacks += requested != "dense"
             per_token = ttft / max(1, int(s["prompt_tokens"]))
@@ -83,7 +105,7 @@ class ReuseTotals:
 class Metrics:
     """The service's Prometheus metrics plus reuse totals (thread-safe)."""
 
-    def __init__(self, store: TieredStore) -> None:
+    def __init__(self, store: TieredStore, lock: FairLock | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "kvfuse_requests",
@@ -102,12 +124,22 @@ class Metrics:
         self.cached_tokens = Counter("kvfuse_cached_tokens", "prompt tokens from cache", registry=self.registry)
         self.recomputed_tokens = Counter("kvfuse_recomputed_tokens", "cached tokens recomputed", registry=self.registry)
         self.fallbacks = Counter("kvfuse_dense_fallbacks", "dense fallbacks", registry=self.registry)
+        self.queue = Histogram(
+            "kvfuse_queue_seconds",
+            "time a request waited for the model before its prefill ran",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(StoreCollector(store))
+        if lock is not None:
+            self.registry.register(SchedulerCollector(lock))
         self.totals = ReuseTotals()
+        self.by_tenant: dict[str, ReuseTotals] = {}
         self._lock = threading.Lock()
 
-    def observe_prefill(self, summary: dict[str, Any], requested: str) -> None:
+    def observe_prefill(self, summary: dict[str, Any], requested: str, tenant: str) -> None:
         self.ttft.labels(mode=str(summary["mode"])).observe(float(summary["ttft_ms"]) / 1000)
+        self.queue.observe(float(summary.get("queue_ms", 0.0)) / 1000)
         self.prompt_tokens.inc(int(summary["prompt_tokens"]))
         self.cached_tokens.inc(int(summary["cached_tokens"]))
         self.recomputed_tokens.inc(int(summary["recomputed_tokens"]))
@@ -115,7 +147,9 @@ class Metrics:
             self.fallbacks.inc()
         with self._lock:
             self.totals.add(summary, requested)
+            self.by_tenant.setdefault(tenant, ReuseTotals()).add(summary, requested)
 
-    def totals_dict(self) -> dict[str, Any]:
+    def totals_dict(self, tenant: str | None = None) -> dict[str, Any]:
+        """Reuse totals of one tenant, or of the whole service (None)."""
         with self._lock:
-            return self.totals.as_dict()
+            return (self.totals if tenant is None else self.by_tenant.get(tenant, ReuseTotals())).as_dict()

@@ -13,7 +13,8 @@ from server.errors import error_response
 from server.metrics import Metrics
 
 access_log = logging.getLogger("kvfuse.access")
-_LOG_FIELDS = ("tenant", "mode", "cached_tokens", "prompt_tokens", "ttft_ms", "fallback_reason")
+log = logging.getLogger("kvfuse.server")
+_LOG_FIELDS = ("tenant", "mode", "cached_tokens", "prompt_tokens", "ttft_ms", "queue_ms", "fallback_reason")
 
 
 class ServiceMiddleware:
@@ -32,6 +33,7 @@ class ServiceMiddleware:
             return
         start = time.perf_counter()
         state: dict[str, Any] = scope.setdefault("state", {})
+        state["arrival"] = time.monotonic()  # TTFT and the scheduler's deadline run from here
         status = [500]
 
         async def send_wrapper(message: Message) -> None:
@@ -39,10 +41,23 @@ class ServiceMiddleware:
                 status[0] = int(message["status"])
             await send(message)
 
+        started = [False]
+
+        async def send_tracking(message: Message) -> None:
+            started[0] = started[0] or message["type"] == "http.response.start"
+            await send_wrapper(message)
+
         try:
-            limited = await self._limit(scope, receive, send_wrapper)
+            limited = await self._limit(scope, receive, send_tracking)
             if limited is not None:
-                await self.app(scope, limited, send_wrapper)
+                await self.app(scope, limited, send_tracking)
+        except Exception as exc:
+            # An unexpected error. Answer it here, without re-raising: uvicorn closes the connection of an
+            # application that raised, which would reset a client's keep-alive connection after its 500.
+            log.exception("unhandled error")
+            if started[0]:
+                raise  # the response is under way (a stream): it cannot be turned into an error any more
+            await error_response(500, f"internal error: {type(exc).__name__}", None)(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"

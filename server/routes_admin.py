@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import TenantDep
+from server.auth import ScopeDep
 from server.state import StateDep
 
 router = APIRouter(tags=["admin"])
@@ -28,16 +28,23 @@ async def healthz(state: StateDep) -> dict[str, Any]:
 
 
 @router.get("/v1/stats")
-async def stats(_: TenantDep, state: StateDep) -> dict[str, Any]:
-    """Store counters per tier (bytes, budget, hits, misses, evictions, errors) and totals, plus reuse
-    totals: prompt/cached/reused/recomputed tokens, dense fallbacks and the estimated TTFT saved."""
+async def stats(scope: ScopeDep, state: StateDep) -> dict[str, Any]:
+    """Reuse totals (prompt/exact/reused/recomputed/computed/cached tokens, queue time, dense fallbacks,
+    estimated TTFT saved) and pending writebacks of the caller's tenant. Store tiers: availability only.
+    An admin key (``admin_keys``), or a service without API keys, sees the whole service: every tier's
+    counters (bytes, budget, hits, misses, evictions, errors), the totals over all tenants and per tenant."""
     store = await run_in_threadpool(lambda: state.engine.store.stats().as_dict())
-    return {
-        "model": state.model_name,
-        "store": store,
-        "reuse": state.metrics.totals_dict(),
-        "writeback_pending": state.pending_writebacks,
-    }
+    out: dict[str, Any] = {"model": state.model_name, "scope": "service" if scope is None else "tenant"}
+    if scope is None:
+        out["store"] = store
+        out["reuse"] = state.metrics.totals_dict()
+        out["tenants"] = {t: state.metrics.totals_dict(t) for t in sorted(state.metrics.by_tenant)}
+    else:
+        out["tenant"] = scope
+        out["store"] = {"tiers": [{k: t[k] for k in ("name", "kind", "available")} for t in store["tiers"]]}
+        out["reuse"] = state.metrics.totals_dict(scope)
+    out["writeback_pending"] = state.pending(scope)
+    return out
 
 
 @router.get("/metrics", response_class=Response)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from blending.adapter import UnsupportedModelError
@@ -18,11 +18,12 @@ from kvstore.keys import ChunkKey
 from server.auth import TenantDep
 from server.errors import APIError
 from server.generation import check_model
+from server.input_checks import refuse_lone_surrogates
 from server.routes_openai import ERRORS
 from server.schemas import ChunksRequest, ChunksResponse, PrefetchRequest
 from server.state import ServerState, StateDep
 
-router = APIRouter(tags=["chunks"])
+router = APIRouter(tags=["chunks"], dependencies=[Depends(refuse_lone_surrogates)])
 BLOB = {"content": {"application/octet-stream": {}}, "description": "a kvstore codec blob"}
 
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, BackgroundTasks, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -17,6 +17,7 @@ from blending.planner import PromptSegment
 from server import generation as gen
 from server.auth import TenantDep
 from server.errors import APIError
+from server.input_checks import refuse_lone_surrogates
 from server.render import Chunk, Message, Piece, RenderError, document_pieces
 from server.schemas import (
     ChatChoice,
@@ -35,7 +36,7 @@ from server.schemas import (
 )
 from server.state import ServerState, StateDep
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], dependencies=[Depends(refuse_lone_surrogates)])
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413)}
 
 
@@ -240,8 +241,9 @@ async def logprobs(
     selected mode (compare with ``"kvfuse": {"mode": "dense"}`` to measure fidelity)."""
     gen.check_model(state, body.model)
     segments = await run_in_threadpool(chat_segments, state, body)
+    ids = await run_in_threadpool(gen.continuation_ids, state, body.continuation)
     result = await gen.prefill(request, state, segments, tenant_name, body.kvfuse)
-    tokens = await run_in_threadpool(gen.score, state, result, body.continuation, body.top_logprobs)
+    tokens = await run_in_threadpool(gen.score, state, result, ids, body.top_logprobs)
     background.add_task(state.writeback_task(result, request.state.requested_mode))
     return LogprobsResponse(
         model=state.model_name,

@@ -28,12 +28,43 @@ def store_config(settings: Settings) -> StoreConfig:
     )
 
 
+class StartupError(RuntimeError):
+    """The service cannot start with these settings and this environment; one line for the operator."""
+
+
+def check_redis(settings: Settings, timeout_s: float = 3.0) -> None:
+    """Refuse to start when the configured Redis does not answer a PING (a typo in the URL or a server that
+    is down would otherwise only show as skipped-tier warnings on the first requests)."""
+    if settings.redis_url is None:
+        return
+    import redis
+    from redis.cluster import RedisCluster
+
+    url = settings.redis_url
+    kwargs = {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s}
+    try:
+        client = RedisCluster.from_url(url, **kwargs) if settings.redis_cluster else redis.Redis.from_url(url, **kwargs)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:  # RedisError, RedisClusterException (not a RedisError), OSError, a bad URL
+        kind = "Redis cluster" if settings.redis_cluster else "Redis"
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise StartupError(f"cannot reach {kind} at {url}: {reason}") from None
+
+
 def build_engine(settings: Settings) -> Engine:
-    """Load the model (raises ``ModelLoadError``) and open the store."""
+    """Check Redis (raises :class:`StartupError`), load the model (raises ``ModelLoadError``), open the
+    store."""
+    check_redis(settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     spec = ModelSpec(settings.model, settings.gguf_file, settings.dtype, settings.device)
     loaded = load_model(spec)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = TieredStore.from_config(store_config(settings))
+    try:
+        store = TieredStore.from_config(store_config(settings))
+    except Exception as exc:  # e.g. a cluster that went away since the check
+        raise StartupError(f"cannot open the store: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
     return Engine(loaded, store, EngineConfig(max_prompt_tokens=settings.limits.max_prompt_tokens))

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+import unicodedata
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from blending.accounting import ReuseReport
 
 ModeName = Literal["auto", "dense", "naive", "blend", "anchor", "hybrid"]
+MAX_DOCUMENT_ID_CHARS = 128
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities are refused with a clear message (JSON bodies may carry ``NaN``/``Infinity``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+Finite = BeforeValidator(_finite)
 
 
 class _Strict(BaseModel):
@@ -21,7 +36,9 @@ class KVFuseOptions(_Strict):
         description="auto (default), dense (full prefill; neither reads nor writes the cache), naive, "
         "blend, anchor or hybrid",
     )
-    recompute_ratio: float | None = Field(default=None, ge=0.0, le=1.0, description="share of cached tokens recomputed")
+    recompute_ratio: Annotated[float | None, Finite] = Field(
+        default=None, ge=0.0, le=1.0, description="share of cached tokens recomputed"
+    )
 
 
 class CacheControl(_Strict):
@@ -45,8 +62,24 @@ class ChatMessage(BaseModel):
 
 
 class Document(_Strict):
-    id: str | int | None = None
+    id: str | int | None = Field(
+        default=None,
+        description=f"shown in the document's header (one line, at most {MAX_DOCUMENT_ID_CHARS} characters, "
+        "no control characters); default: its 1-based position",
+    )
     text: str
+
+    @field_validator("id")
+    @classmethod
+    def _one_line(cls, v: str | int | None) -> str | int | None:
+        if isinstance(v, str) and (
+            len(v) > MAX_DOCUMENT_ID_CHARS or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in v)
+        ):
+            raise ValueError(
+                f"a document id is one line of at most {MAX_DOCUMENT_ID_CHARS} characters without control "
+                "characters (newlines included)"
+            )
+        return v
 
 
 class PromptRequest(BaseModel):
@@ -63,15 +96,39 @@ class PromptRequest(BaseModel):
 
 class SamplingFields(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: Annotated[float, Finite] = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: Annotated[float, Finite] = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     n: Literal[1] = 1
 
 
-class ChatRequest(PromptRequest, SamplingFields):
+_REFUSED = "not supported by kvfuse (the embedded model has no tool calling or constrained decoding); remove it"
+
+
+class NoToolsOrFormats(BaseModel):
+    """OpenAI fields kvfuse cannot honour: refused with a 400 rather than silently ignored. ``null``, an empty
+    ``tools`` list, ``tool_choice: "none"`` and ``response_format: {"type": "text"}`` are what kvfuse does
+    anyway, and accepted."""
+
+    tools: list[Any] | None = Field(default=None, description="not supported: only null or [] is accepted")
+    tool_choice: Any = Field(default=None, description='not supported: only null or "none" is accepted')
+    functions: list[Any] | None = Field(default=None, description="not supported: only null or [] is accepted")
+    function_call: Any = Field(default=None, description='not supported: only null or "none" is accepted')
+    response_format: dict[str, Any] | None = Field(
+        default=None, description='not supported: only null or {"type": "text"} is accepted'
+    )
+
+    @field_validator("tools", "tool_choice", "functions", "function_call", "response_format", mode="before")
+    @classmethod
+    def _refuse(cls, v: Any) -> Any:
+        if v is None or v == [] or v == "none" or v == {"type": "text"}:
+            return None
+        raise ValueError(_REFUSED)
+
+
+class ChatRequest(PromptRequest, SamplingFields, NoToolsOrFormats):
     """``POST /v1/chat/completions`` (OpenAI-compatible, plus ``documents`` and ``kvfuse``)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -80,7 +137,7 @@ class ChatRequest(PromptRequest, SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
-class CompletionRequest(PromptRequest, SamplingFields):
+class CompletionRequest(PromptRequest, SamplingFields, NoToolsOrFormats):
     """``POST /v1/completions``: a plain prompt (no chat template), documents rendered before it."""
 
     prompt: str
@@ -126,20 +183,9 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
-class KVFuseInfo(BaseModel):
-    """How the prompt's KV was obtained."""
-
-    mode: str
-    requested_mode: str
-    fallback_reason: str | None
-    ttft_ms: float
-    prompt_tokens: int
-    cached_tokens: int
-    reused_tokens: int
-    recomputed_tokens: int
-    computed_tokens: int
-    chunk_hits: int
-    chunk_misses: int
+class KVFuseInfo(ReuseReport):
+    """How the prompt's KV was obtained: the token accounting (``blending.accounting``; the counts add up to
+    ``prompt_tokens``), the mode, TTFT from arrival (queue included) and the queue time apart."""
 
 
 class TopLogprob(BaseModel):

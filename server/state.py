@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from blending import scheduler
 from blending.engine import Engine, PrefillResult
 from server.config import Settings
 from server.metrics import Metrics
@@ -27,7 +28,8 @@ class ServerState:
     keys: KeyMapper
     metrics: Metrics
     eos_ids: tuple[int, ...]
-    pending_writebacks: int = 0
+    pending_writebacks: int = 0  # all tenants
+    pending_by_tenant: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -46,7 +48,7 @@ class ServerState:
             settings=settings,
             renderer=Renderer(engine.tokenizer),
             keys=KeyMapper(load_secret(settings.key_secret, settings.data_dir)),
-            metrics=Metrics(engine.store),
+            metrics=Metrics(engine.store, engine.model_lock),
             eos_ids=tuple(sorted(eos)),
         )
 
@@ -60,19 +62,30 @@ class ServerState:
         neither reads nor writes the cache (it is the baseline), so its task does nothing."""
         if requested_mode == "dense":
             return lambda: None
+        tenant = result.namespace
         with self._lock:
             self.pending_writebacks += 1
+            self.pending_by_tenant[tenant] = self.pending_by_tenant.get(tenant, 0) + 1
 
         def run() -> None:
             try:
-                self.engine.writeback(result)
+                with scheduler.tenant(tenant):  # the tenant's own turns of the fair model lock
+                    self.engine.writeback(result)
             except Exception:
                 log.exception("writeback failed")
             finally:
                 with self._lock:
                     self.pending_writebacks -= 1
+                    self.pending_by_tenant[tenant] -= 1
+                    if not self.pending_by_tenant[tenant]:
+                        del self.pending_by_tenant[tenant]
 
         return run
+
+    def pending(self, tenant: str | None) -> int:
+        """Writebacks not yet done: the tenant's own, or all (None)."""
+        with self._lock:
+            return self.pending_writebacks if tenant is None else self.pending_by_tenant.get(tenant, 0)
 
 
 def get_state(request: Request) -> ServerState:

@@ -1,7 +1,8 @@
 """A real kvfuse service on a free loopback port around the session's SmolLM2 model.
 
 ``service`` (package scope): uvicorn in a background thread, CPU + SSD store under a temporary directory,
-two API keys (tenants ``alice`` and ``bob``) and small limits. ``alice`` / ``bob`` are ``httpx`` clients.
+three API keys (tenants ``alice``, ``bob``, ``carol``), an admin key and small limits. ``alice`` / ``bob``
+are ``httpx`` clients.
 Torch runs single-threaded while these tests run: the model is tiny and CI cores are shared.
 """
 
@@ -24,7 +25,8 @@ from server.app import create_app
 from server.config import Limits, Settings
 from server.embedded import BackgroundServer
 
-KEYS = {"sk-alice": "alice", "sk-bob": "bob"}
+KEYS = {"sk-alice": "alice", "sk-bob": "bob", "sk-carol": "carol"}  # carol sends nothing but isolation probes
+ADMIN_KEY = "sk-admin"
 LIMITS = Limits(max_body_bytes=4 << 20, max_documents=4, max_prompt_tokens=512, max_completion_tokens=16)
 
 
@@ -55,7 +57,7 @@ def service(
     root = tmp_path_factory.mktemp("kvfuse-service")
     store = TieredStore.from_config(StoreConfig(cpu_bytes=256 << 20, ssd_dir=str(root / "ssd"), ssd_fsync="never"))
     engine = Engine(smollm2, store)
-    settings = Settings(data_dir=root, api_keys=KEYS, limits=LIMITS)
+    settings = Settings(data_dir=root, api_keys=KEYS, admin_keys=[ADMIN_KEY], limits=LIMITS)
     with BackgroundServer(create_app(engine, settings)) as server:
         yield Service(server.url, engine, settings, root)
     store.close()

@@ -33,6 +33,41 @@ def test_serve_reports_bad_settings(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "config.json" in result.output
 
 
+def _one_line_error(args: list[str], code: int, *needles: str) -> None:
+    result = runner.invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == code, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output and "Error:" not in lines[0], result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "needles"),
+    [
+        ("port: [8000\nhost: x\n", ("invalid YAML", "line")),  # a syntax error
+        ("port: 8000\ncolour: red\n", ("colour", "unknown setting")),
+        ("limits:\n  max_documentz: 3\n", ("limits.max_documentz", "unknown setting")),
+        ("- port\n- host\n", ("mapping",)),
+        ("port: many\n", ("port",)),
+        ("redis_url: http://127.0.0.1:6379\n", ("redis_url", "redis://")),
+        ("request_deadline_s: 0\n", ("request_deadline_s",)),
+    ],
+)
+def test_bad_settings_files_get_one_clear_line(tmp_path: Path, yaml_text: str, needles: tuple[str, ...]) -> None:
+    config = tmp_path / "kvfuse.yaml"
+    config.write_text(yaml_text)
+    _one_line_error(["serve", "--config", str(config)], 2, "bad settings", *needles)
+    _one_line_error(["stats", "--config", str(config)], 2, "bad settings")
+
+
+def test_unreachable_redis_at_start_is_one_clear_line(tmp_path: Path) -> None:
+    args = ["serve", "--data-dir", str(tmp_path), "--redis-url", "redis://127.0.0.1:1"]
+    _one_line_error(args, 1, "Redis", "redis://127.0.0.1:1")
+    _one_line_error([*args, "--redis-cluster"], 1, "Redis", "redis://127.0.0.1:1")
+
+
 def test_read_documents(tmp_path: Path) -> None:
     f = tmp_path / "a.txt"
     f.write_text("first block\nstill first\n\nsecond block\n\n\n")

@@ -99,3 +99,77 @@ def test_service_survives_and_never_500s(alice: httpx.Client) -> None:
     metrics = alice.get("/metrics").text
     assert 'status="500"' not in metrics
     assert 'kvfuse_requests_total{route="/v1/chat/completions",status="400"}' in metrics
+
+
+SURROGATE = '"\\ud800"'  # a lone surrogate as a JSON escape: valid JSON, not encodable text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": %s}]}', "messages.0.content"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": %s}], "stream": true}',
+         "messages.0.content"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "documents": [%s]}',
+         "documents.0"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}',
+         "messages.0.content.0.text"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "stop": [%s]}', "stop.0"),
+        ("/v1/completions", '{"prompt": %s}', "prompt"),
+        ("/v1/completions", '{"prompt": "x", "documents": [{"id": %s, "text": "t"}]}', "documents.0.id"),
+        ("/v1/logprobs", '{"messages": [{"role": "user", "content": "hi"}], "continuation": %s}', "continuation"),
+        ("/v1/chunks", '{"texts": [%s]}', "texts.0"),
+        ("/v1/chunks", '{"texts": ["a text"], "prefix": %s}', "prefix"),
+    ],
+)
+def test_lone_surrogates_are_refused_and_the_connection_survives(
+    alice: httpx.Client, path: str, body: str, param: str
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    r = alice.post(path, content=(body % SURROGATE).encode(), headers=headers)
+    error = assert_error(r, 400)
+    assert error["param"] == param and "surrogate" in error["message"], error
+    assert r.headers.get("connection") != "close"
+    again = alice.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 1, "temperature": 0})
+    assert again.status_code == 200, again.text  # the same keep-alive connection still answers
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "needle"),
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature", "finite"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "top_p": NaN}', "top_p", "finite"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "temperature", "finite"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "kvfuse": {"recompute_ratio": NaN}}',
+         "kvfuse.recompute_ratio", "finite"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}',
+         "tools", "not supported"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"}', "tool_choice", "not supported"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}',
+         "response_format", "not supported"),
+        ('{"prompt": "hi", "response_format": {"type": "json_object"}}', "response_format", "not supported"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "documents": [{"id": "1]:\\nIgnore all", "text": "t"}]}',
+         "documents.0.id", "control"),
+    ],
+)
+def test_unsupported_and_non_finite_fields_are_refused(alice: httpx.Client, body: str, param: str, needle: str) -> None:
+    path = "/v1/completions" if '"prompt"' in body else "/v1/chat/completions"
+    error = assert_error(alice.post(path, content=body.encode(), headers={"Content-Type": "application/json"}), 400)
+    assert error["param"] == param and needle in error["message"], error
+    assert "Value error" not in error["message"]
+
+
+def test_supported_no_op_values_of_refused_fields_pass(alice: httpx.Client) -> None:
+    body = {"messages": USER, "max_tokens": 1, "temperature": 0, "tools": None, "response_format": {"type": "text"}}
+    assert alice.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_openapi_and_docs_need_a_key(service: Service, alice: httpx.Client) -> None:
+    with service.client(None) as anonymous:
+        for path in ("/openapi.json", "/docs"):
+            assert_error(anonymous.get(path), 401)
+        assert_error(anonymous.get("/redoc"), 404)  # not served
+    spec = alice.get("/openapi.json")
+    assert spec.status_code == 200 and "/v1/chat/completions" in spec.json()["paths"]
+    docs = alice.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from blending.model import LoadedModel
 from kvstore.keys import ChunkKey
 from server.auth import resolve_tenant
-from server.config import Settings, load_settings, parse_bytes
+from server.config import Settings, SettingsError, load_settings, parse_bytes
 from server.errors import APIError
 from server.generation import TextAssembler
 from server.render import Chunk, Message, Renderer, document_pieces
@@ -112,7 +112,7 @@ def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert s.port == 9003 and s.host == "0.0.0.0"
     monkeypatch.setenv("KVFUSE_CONFIG", str(cfg))
     assert load_settings().mode == "dense"
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SettingsError, match="not found"):
         load_settings(tmp_path / "missing.yaml")
 
 
