@@ -5,20 +5,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from blending.accounting import ReuseReport
 from blending.adapter import ModelAdapter, UnsupportedModelError
 from blending.anchor_flow import anchor_prefill
 from blending.anchors import AnchorConfig, AnchorPool, AnchorStore
 from blending.cacheblend import BlendConfig, blend
-from blending.decode import SamplingParams, generate_tokens, teacher_forced_logits
-from blending.fused import BlendStats, FusedKV
+from blending.calibration import Calibration, CalibrationStore
+from blending.decode import SamplingParams, dense_prefill, generate_tokens, teacher_forced_logits
+from blending.fused import FusedKV, Reuse, SegmentInput
+from blending.guard import FidelityGuard, GuardConfig
+from blending.lookup import KVValidator, exact_inputs, lookup_hot, lookup_store
 from blending.model import LoadedModel
 from blending.planner import MODES, KeySpaces, Mode, Plan, PromptSegment, make_plan
+from blending.policy import Decision, Features, PolicyConfig, decide
 from blending.precompute import chunk_kv
+from blending.prompt_cache import HotPromptCache, PrefixHit
+from blending.scheduler import FairLock, current_queue_s
+from blending.writeback import publish_bases, publish_first, remember, segment_starts, write_back
 from kvstore.chunk import KVChunk, dtype_name
 from kvstore.keys import ChunkKey
 from kvstore.store import TieredStore
@@ -41,6 +49,9 @@ class EngineConfig:
     writeback: bool = True
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     hybrid_ratio: float = 0.1
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    hot_bytes_per_namespace: int = 512 << 20  # the hot prompt cache (immediate reuse), per tenant
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,7 @@ class PrefillRequest:
     namespace: str = "default"
     mode: Mode = "auto"
     recompute_ratio: float | None = None
+    fidelity_target: float | None = None  # auto's agreement target; None: the engine's policy default
 
 
 @dataclass
@@ -61,25 +73,43 @@ class PrefillResult:
     chunk_hits: int = 0
     chunk_misses: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    requested_mode: str = "auto"
+    namespace: str = "default"
+    exact_len: int = 0  # leading tokens whose KV equals a dense prefill's
+    queue_s: float = field(default_factory=current_queue_s)  # waited for the model before the prefill ran
+
+    def report(self) -> ReuseReport:
+        """The token accounting (checked: it adds up to ``prompt_tokens``), mode, TTFT and queue time."""
+        return ReuseReport(
+            **self.fused.stats.tokens(),
+            mode=self.mode,
+            requested_mode=self.requested_mode,
+            fallback_reason=self.fallback_reason,
+            ttft_ms=round(self.ttft_s * 1000, 3),
+            queue_ms=round(self.queue_s * 1000, 3),
+            chunk_hits=self.chunk_hits,
+            chunk_misses=self.chunk_misses,
+        )
 
     def summary(self) -> dict[str, object]:
-        s = self.fused.stats
-        return {
-            "mode": self.mode,
-            "fallback_reason": self.fallback_reason,
-            "ttft_ms": round(self.ttft_s * 1000, 3),
-            "prompt_tokens": s.total_tokens,
-            "cached_tokens": s.cached_tokens,
-            "reused_tokens": s.reused_tokens + s.exact_tokens,
-            "recomputed_tokens": s.recomputed_tokens,
-            "computed_tokens": s.computed_tokens,
-            "chunk_hits": self.chunk_hits,
-            "chunk_misses": self.chunk_misses,
-        }
+        return self.report().model_dump()
 
 
 class PromptTooLongError(ValueError):
     pass
+
+
+def exact_length(plan: Plan, fused: FusedKV, mode: str, hot: PrefixHit | None = None) -> int:
+    """Leading tokens of ``fused`` whose KV equals a dense prefill's: all of a dense (or exact-prefix)
+    prefill; otherwise everything before the first token whose KV came from a moved chunk."""
+    if mode in ("dense", "prefix"):
+        return int(fused.kv.shape[3])
+    start = 0
+    for item in exact_inputs(plan, hot):
+        if item.reuse is Reuse.CACHED:
+            return start
+        start += len(item.token_ids)
+    return start
 
 
 class Engine:
@@ -92,7 +122,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.model = loaded.model
         self.fingerprint = loaded.fingerprint
-        self.model_lock = threading.Lock()
+        self.model_lock = FairLock()  # fair across tenants; long computations yield between chunks
         self.adapter: ModelAdapter | None
         self.unsupported_reason: str | None = None
         try:
@@ -104,6 +134,19 @@ class Engine:
         if self.adapter is not None:
             persist = AnchorStore(store, self.fingerprint, self.layout)
             self.anchor_pool = AnchorPool(self.adapter.inv_freq, self.config.anchors, persist)
+            bad = [c for c in self.config.blend.check_layers if c >= self.adapter.shape.num_layers]
+            if bad:
+                raise ValueError(
+                    f"check_layers {bad} do not exist: the model has {self.adapter.shape.num_layers} layers")
+        layers = self.adapter.shape.num_layers if self.adapter is not None else None
+        self._validator = KVValidator(self.fingerprint, self.model.dtype, layers)
+        self.inflight = 0
+        self._inflight_lock = threading.Lock()
+        self.hot = HotPromptCache(self.config.hot_bytes_per_namespace)
+        self.calibrations = CalibrationStore(store, self.fingerprint, self.layout) if self.adapter else None
+        self._calibration: Calibration | None = None
+        self.on_uncalibrated: Callable[[Engine], None] | None = None
+        self.guard: FidelityGuard | None = FidelityGuard(self, self.config.guard) if self.adapter else None
 
     def _layout(self) -> str:
         cfg = self.model.config.get_text_config(decoder=True)
@@ -139,32 +182,32 @@ class Engine:
         return plan
 
     def _lookup(self, plan: Plan) -> None:
-        keyed = [s for s in plan.segments if s.key is not None]
-        found = self.store.get_many([s.key for s in keyed if s.key is not None])
-        for seg, chunk in zip(keyed, found, strict=True):
-            seg.cached = self._valid(seg.token_ids, chunk, plan)
-        retry = [s for s in keyed if s.cached is None and s.fallback_key is not None]
-        if retry:
-            found = self.store.get_many([s.fallback_key for s in retry if s.fallback_key is not None])
-            for seg, chunk in zip(retry, found, strict=True):
-                seg.cached = self._valid(seg.token_ids, chunk, plan)
-
-    def _valid(self, ids: torch.Tensor, chunk: KVChunk | None, plan: Plan) -> KVChunk | None:
-        if chunk is None:
-            return None
-        expected = (self.adapter.shape.num_layers, 2) if self.adapter else None
-        if chunk.fingerprint != self.fingerprint or chunk.num_tokens != len(ids) or chunk.dtype != self.model.dtype or (
-            expected is not None and tuple(chunk.kv.shape[:2]) != expected
-        ):
-            plan.lookup_errors.append("cached KV does not match the model or the chunk; ignored")
-            return None
-        return chunk
+        lookup_store(self.store, plan, self._validator)
 
     def prefill(self, request: PrefillRequest) -> PrefillResult:
-        """Plan, look up and fuse the prompt's KV; falls back to a dense prefill with a reason."""
+        """Plan, look up and fuse the prompt's KV; falls back to a dense prefill with a reason.
+
+        ``auto`` asks :mod:`blending.policy`; exact reuse (cached prefix, the hot prompt cache) is used by
+        every mode but ``dense``, which is the reference and reuses nothing. A sample of approximate
+        results is handed to the fidelity guard."""
+        with self._inflight_lock:
+            self.inflight += 1
+        try:
+            result = self._prefill(request)
+        finally:
+            with self._inflight_lock:
+                self.inflight -= 1
+        if self.guard is not None:
+            self.guard.offer(result)
+        return result
+
+    def _prefill(self, request: PrefillRequest) -> PrefillResult:
         if request.mode not in MODES:
             raise ValueError(f"unknown mode {request.mode!r}; choose one of {', '.join(MODES)}")
         start = time.perf_counter()
+        target = request.fidelity_target if request.fidelity_target is not None else self.config.policy.fidelity_target
+        if not 0.0 < target <= 1.0:
+            raise ValueError("fidelity_target is a top-1 agreement in (0, 1]")
         anchored = request.mode in ("anchor", "hybrid")
         plan = self._anchor_plan(request.segments, request.namespace) if anchored else self.plan(
             request.segments, request.namespace)
@@ -174,28 +217,47 @@ class Engine:
             raise PromptTooLongError(
                 f"prompt has {plan.num_tokens} tokens; the limit is {self.config.max_prompt_tokens}"
             )
-        mode, reason = self._choose_mode(request.mode)
-        if mode != "dense":
+        mode: str = request.mode
+        ratio, reason = request.recompute_ratio, None
+        hot: PrefixHit | None = None
+        if self.adapter is None:
+            mode, reason = "dense", f"model not supported for reuse: {self.unsupported_reason}"
+        elif mode != "dense":
             self._lookup(plan)
-        t_lookup = time.perf_counter()
-        if mode in ("blend", "naive") and plan.hits == 0:
-            mode, reason = "dense", "no cached KV for any segment"
+            if not plan.anchored:  # anchor modes start from bases, with their origins
+                hot = lookup_hot(self.hot, plan, request.namespace, self._validator)
         limit = self.adapter.max_reuse_positions if self.adapter is not None else None
         if mode != "dense" and limit is not None and plan.num_tokens > limit:
-            mode, reason = "dense", "dynamic rope: positions beyond the trained length"
-        computed: list[tuple[ChunkKey, KVChunk]] = []
+            mode, reason, hot = "dense", "dynamic rope: positions beyond the trained length", None
+            plan = self.plan(request.segments, request.namespace)
+        bases: Plan | None = None  # auto: the anchor plan whose missing bases this request can publish
+        if mode == "auto":
+            decision, plan, bases = self._decide(plan, hot, request, target)
+            mode, ratio, reason = decision.mode, decision.ratio, decision.reason
+        elif mode in ("blend", "naive") and plan.hits == 0 and hot is None:
+            mode, reason = "dense", "no cached KV for any segment"
+        t_lookup = time.perf_counter()
         with self.model_lock:
             if mode in ("anchor", "hybrid"):
-                fused, mode, reason, computed = self._anchor(plan, mode, request.recompute_ratio, request.namespace)
+                # A base published by a request that held the lock before us is used, not computed again.
+                if plan.misses:
+                    self._lookup(plan)
+                fused, mode, anchor_reason, computed = self._anchor(plan, mode, ratio, request.namespace)
+                reason = anchor_reason or (reason if request.mode == "auto" else None)
+                if computed and self.config.writeback:
+                    publish_first(self.store, computed)
+                exact_len = exact_length(plan, fused, mode, hot)
             else:
-                fused, mode, reason = self._compute(plan, mode, reason, request.recompute_ratio)
+                fused, mode, reason = self._compute(plan, hot, mode, reason, ratio)
+                exact_len = exact_length(plan, fused, mode, hot)
+                if bases is not None and self.anchor_pool is not None and self.config.writeback:
+                    publish_bases(self.store, self.anchor_pool, bases, fused, exact_len, request.namespace,
+                                  self.fingerprint)
         end = time.perf_counter()
-        if computed and self.config.writeback:
-            # Put-if-absent: a base other requests' anchors were learned against is never replaced.
-            present = self.store.contains_many([k for k, _ in computed])
-            self.store.put_many([item for item, here in zip(computed, present, strict=True) if not here])
-        if reason:
+        if mode == "dense" and reason:
             log.info("dense fallback: %s", reason)
+        if self.adapter is not None and self.config.writeback:
+            remember(self.hot, plan, fused, exact_len, request.namespace, self.fingerprint)
         keyed = [s for s in plan.segments if s.key is not None]
         return PrefillResult(
             fused=fused,
@@ -206,14 +268,49 @@ class Engine:
             chunk_hits=sum(1 for s in keyed if s.cached is not None),
             chunk_misses=sum(1 for s in keyed if s.cached is None),
             timings={"lookup": t_lookup - start, "compute": end - t_lookup},
+            requested_mode=request.mode,
+            namespace=request.namespace,
+            exact_len=exact_len,
         )
 
-    def _choose_mode(self, requested: str) -> tuple[str, str | None]:
-        if self.adapter is None:
-            return "dense", f"model not supported for reuse: {self.unsupported_reason}"
-        if requested == "auto":
-            return "blend", None
-        return requested, None
+    def _decide(self, plan: Plan, hot: PrefixHit | None, request: PrefillRequest, target: float
+                ) -> tuple[Decision, Plan, Plan | None]:
+        """``auto``: the policy's choice, the plan to run it on (the anchor plan for hybrid), and the anchor
+        plan when shared segments lack a base (the request publishes them for the next agents)."""
+        assert self.adapter is not None
+        exact = max(plan.exact_prefix_tokens, hot.length if hot is not None else 0)
+        cached = sum(len(s.token_ids) for s, i in zip(plan.segments, segment_starts(plan), strict=True)
+                     if s.kind == "chunk" and s.cached is not None and i >= exact)
+        base_tokens, anchor_plan = 0, None
+        chunks = [s for s in plan.segments if s.kind == "chunk" and s.key is not None]
+        if chunks and cached < sum(len(s.token_ids) for s in chunks) and self.anchor_pool is not None:
+            anchor_plan = self._anchor_plan(request.segments, request.namespace)
+            self._lookup(anchor_plan)
+            base_tokens = anchor_plan.cached_chunk_tokens
+        features = Features(plan.num_tokens, exact, cached, base_tokens, self.adapter.shape.num_layers,
+                            len(self.config.blend.check_layers))
+        escalation = self.guard.escalation(request.namespace) if self.guard is not None else 0
+        decision = decide(features, self.config.policy, target, self.calibration(), escalation)
+        if decision.mode == "hybrid" and anchor_plan is not None:
+            return decision, anchor_plan, None
+        return decision, plan, anchor_plan if anchor_plan is not None and anchor_plan.misses else None
+
+    def calibration(self) -> Calibration | None:
+        """The model's persisted calibration curve (read from the store once, then kept). When there is
+        none, ``on_uncalibrated`` (e.g. a background calibration the server starts) is called once."""
+        if self._calibration is None and self.calibrations is not None:
+            self._calibration = self.calibrations.load()
+            if self._calibration is None and self.on_uncalibrated is not None:
+                hook, self.on_uncalibrated = self.on_uncalibrated, None
+                hook(self)
+        return self._calibration
+
+    def set_calibration(self, cal: Calibration) -> None:
+        """Persist ``cal`` under the model fingerprint and use it from now on."""
+        if self.calibrations is None:
+            raise UnsupportedModelError(self.unsupported_reason or "model not supported")
+        self.calibrations.save(cal)
+        self._calibration = cal
 
     def _anchor(
         self, plan: Plan, mode: str, ratio: float | None, namespace: str
@@ -232,62 +329,39 @@ class Engine:
         return fused, "dense" if reason else mode, reason, computed
 
     def _compute(
-        self, plan: Plan, mode: str, reason: str | None, ratio: float | None
+        self, plan: Plan, hot: PrefixHit | None, mode: str, reason: str | None, ratio: float | None
     ) -> tuple[FusedKV, str, str | None]:
         if mode == "dense":
             return self._dense(plan.token_ids), mode, reason
         assert self.adapter is not None
-        cfg = self.config.blend
-        if mode == "naive":
-            cfg = replace(cfg, recompute_ratio=0.0, sink_tokens=0)
-        elif ratio is not None:
-            cfg = replace(cfg, recompute_ratio=ratio)
+        inputs = exact_inputs(plan, hot)
+        if mode == "prefix" or not any(i.reuse is Reuse.CACHED for i in inputs):
+            mode = "prefix" if inputs[0].reuse is Reuse.EXACT else "dense"
+            inputs = [i if i.reuse is Reuse.EXACT else SegmentInput(i.token_ids) for i in inputs]
+            if mode == "dense":
+                return self._dense(plan.token_ids), mode, reason
+            cfg = replace(self.config.blend, recompute_ratio=0.0, check_layers=(), sink_tokens=0)
+        elif mode == "naive":  # cached tokens never run: only the fresh ones are computed
+            cfg = replace(self.config.blend, recompute_ratio=0.0, check_layers=(), sink_tokens=0)
+        else:
+            cfg = self.config.blend if ratio is None else replace(self.config.blend, recompute_ratio=ratio)
         try:
-            return blend(self.adapter, plan.inputs(), cfg), mode, reason
+            return blend(self.adapter, inputs, cfg), mode, reason
         except (ValueError, RuntimeError) as exc:  # bad cached KV must never crash a request
             log.warning("blend failed (%s); dense fallback", exc)
             return self._dense(plan.token_ids), "dense", f"blend failed: {exc}"
 
     def _dense(self, ids: torch.Tensor) -> FusedKV:
-        if self.adapter is not None:
-            t0 = time.perf_counter()
-            kv, logits = self.adapter.prefill(ids)
-            stats = BlendStats(total_tokens=len(ids), computed_tokens=len(ids))
-            stats.times["compute"] = time.perf_counter() - t0
-            return FusedKV(kv, ids, torch.arange(len(ids)), logits[-1], stats)
-        with torch.inference_mode():  # unsupported architecture: HF's own forward
-            out = self.model(input_ids=ids[None].to(self.model.device), use_cache=True)
-        cache = out.past_key_values
-        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
-        stats = BlendStats(total_tokens=len(ids), computed_tokens=len(ids))
-        return FusedKV(kv, ids, torch.arange(len(ids)), out.logits[0, -1].float(), stats)
+        """Dense prefill (the caller holds the model lock) in pieces of ``model_lock.chunk_tokens`` tokens,
+        offering the model to a waiting request of another tenant between two pieces."""
+        return dense_prefill(self.adapter, self.model, ids, self.model_lock.chunk_tokens, self.model_lock.yield_turn)
 
     def writeback(self, result: PrefillResult) -> list[ChunkKey]:
-        """Store what this request computed: the exact prefix, and missing chunks (recomputed in their
-        canonical context, so they match what later lookups expect). Returns the keys written."""
+        """Store what ``result`` computed (see :func:`blending.writeback.write_back`)."""
         if not self.config.writeback or self.adapter is None:
             return []
-        plan, fused = result.plan, result.fused
-        missing = [s for s in plan.misses if s.key is not None]
-        present = self.store.contains_many([s.key for s in missing if s.key is not None])
-        missing = [s for s, here in zip(missing, present, strict=True) if not here]
-        items: list[tuple[ChunkKey, KVChunk]] = []
-        prefix: KVChunk | None = None
-        if plan.prefix_ids is not None and len(plan.prefix_ids):
-            n = len(plan.prefix_ids)
-            prefix = KVChunk(fused.kv[:, :, :, :n].contiguous().cpu(), torch.arange(n), self.fingerprint)
-            head = plan.segments[0]
-            if head in missing and head.key is not None:
-                items.append((head.key, prefix))
-        shared = prefix if plan.shared_prefix else None
-        for seg in missing:
-            if seg.kind != "chunk" or seg.key is None or plan.anchored:  # anchor bases are stored by prefill
-                continue
-            with self.model_lock:
-                items.append((seg.key, chunk_kv(self.adapter, self.fingerprint, seg.token_ids, shared)))
-        if items:
-            self.store.put_many(items)
-        return [k for k, _ in items]
+        return write_back(self.store, self.adapter, self.fingerprint, self.model_lock, result.plan, result.fused,
+                          result.exact_len)
 
     def warm(self, texts: Sequence[str], namespace: str, prefix_text: str | None = None) -> list[ChunkKey]:
         """Precompute and store the KV of chunks (after ``prefix_text`` when shared-prefix mode is on)."""
@@ -325,6 +399,9 @@ class Engine:
             yield step
 
     def score(self, result: PrefillResult, continuation: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced float32 logits ``[len(continuation), vocab]`` under the result's KV."""
+        """Teacher-forced float32 logits ``[len(continuation), vocab]`` under the result's KV, in pieces of
+        ``model_lock.chunk_tokens`` tokens that let waiting requests of other tenants run in between."""
         with self.model_lock:
-            return teacher_forced_logits(self.model, result.fused, continuation)
+            return teacher_forced_logits(
+                self.model, result.fused, continuation, self.model_lock.chunk_tokens, self.model_lock.yield_turn
+            )

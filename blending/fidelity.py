@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import logging
+import random
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from blending.calibration import SYSTEM_NAMESPACE, Calibration, calibration_prompts, document_segments, new_order
 from blending.decode import SamplingParams
 from blending.engine import Engine, PrefillRequest, PrefillResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,9 +31,15 @@ class Fidelity:
 def dense_answer(engine: Engine, request: PrefillRequest, max_tokens: int) -> tuple[PrefillResult, torch.Tensor]:
     """Dense prefill and its greedy answer (token ids), the reference every method is compared with."""
     dense = engine.prefill(PrefillRequest(request.segments, request.namespace, mode="dense"))
+    return dense, greedy_answer(engine, dense, max_tokens)
+
+
+def greedy_answer(engine: Engine, result: PrefillResult, max_tokens: int) -> torch.Tensor:
+    """The greedy continuation of ``result`` (token ids, stop token excluded)."""
     eos = engine.tokenizer.eos_token_id
     params = SamplingParams(max_tokens=max_tokens, stop_token_ids=(eos,) if eos is not None else ())
-    return dense, torch.tensor([t for t, _ in engine.generate(dense, params)], dtype=torch.int64)
+    ids = [t for t, _ in engine.generate(result, params) if t not in params.stop_token_ids]
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def fidelity(engine: Engine, result: PrefillResult, dense_logits: torch.Tensor, answer: torch.Tensor) -> Fidelity:
@@ -39,48 +50,56 @@ def fidelity(engine: Engine, result: PrefillResult, dense_logits: torch.Tensor, 
     return Fidelity(agree, float(kl.sum(-1).mean()), len(answer))
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """The smallest recompute ratio whose mean agreement reaches ``target`` on the calibration set."""
-
-    fingerprint: str
-    target: float
-    ratio: float
-    measured: dict[str, float]  # ratio -> mean agreement
-    reached: bool
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path: Path) -> Calibration:
-        return cls(**json.loads(path.read_text()))
+DEFAULT_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
-def calibrate_ratio(
+def measure_curve(
     engine: Engine,
-    requests: Sequence[PrefillRequest],
-    target: float,
-    ratios: Sequence[float] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0),
-    answer_tokens: int = 10,
-    prepare: Callable[[PrefillRequest], None] | None = None,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    prompts: int = 8,
+    docs: int = 6,
+    answer_tokens: int = 8,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
-    """Measure agreement per ratio on ``requests`` (their chunks must be cached, or ``prepare`` caches
-    them) and pick the smallest ratio that reaches ``target``; 1.0 (exact) when none below does."""
-    if not 0.0 < target <= 1.0:
-        raise ValueError("the fidelity target is an agreement in (0, 1]")
-    scores: dict[float, list[float]] = {r: [] for r in ratios}
-    for request in requests:
-        if prepare is not None:
-            prepare(request)
-        dense, answer = dense_answer(engine, request, answer_tokens)
-        if len(answer) == 0:
-            continue
-        reference = engine.score(dense, answer)
-        for ratio in ratios:
-            result = engine.prefill(PrefillRequest(request.segments, request.namespace, "blend", ratio))
-            scores[ratio].append(fidelity(engine, result, reference, answer).agreement)
-    measured = {str(r): sum(v) / len(v) for r, v in scores.items() if v}
-    chosen = next((r for r in sorted(ratios) if measured.get(str(r), 0.0) >= target), None)
-    return Calibration(engine.fingerprint, target, chosen if chosen is not None else 1.0, measured, chosen is not None)
+    """Agreement with dense per recompute budget on the built-in calibration workload: each prompt's
+    documents are computed once in one order (a dense prefill and its write-back, as production traffic
+    leaves them), then asked in a new order; every budget is scored against a dense prefill of the new
+    prompt over the dense greedy answer. Runs in the reserved namespace, never a tenant's."""
+    if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
+        raise ValueError("ratios must lie within [0, 1]")
+    rng = random.Random(seed)
+    scores: dict[float, list[float]] = {float(r): [] for r in ratios}
+    items = calibration_prompts(prompts, docs=docs, seed=seed)
+    for i, (documents, question, system) in enumerate(items):
+        ns = f"{SYSTEM_NAMESPACE}/calibration/{seed}/{i}"
+        warm = document_segments(engine.tokenizer, system, documents, question)
+        engine.writeback(engine.prefill(PrefillRequest(warm, ns, "dense")))
+        moved = [documents[j] for j in new_order(len(documents), rng)]
+        segments = document_segments(engine.tokenizer, system, moved, question)
+        dense, answer = dense_answer(engine, PrefillRequest(segments, ns + "/reference"), answer_tokens)
+        if len(answer):
+            reference = engine.score(dense, answer)
+            for r in scores:
+                result = engine.prefill(PrefillRequest(segments, ns, "blend", r))
+                scores[r].append(fidelity(engine, result, reference, answer).agreement)
+        if progress is not None:
+            progress(i + 1, len(items))
+    curve = {r: sum(v) / len(v) for r, v in scores.items() if v}
+    return Calibration(engine.fingerprint, curve, len(items))
+
+
+def calibrate_in_background(engine: Engine, **kwargs: Any) -> threading.Thread:
+    """Measure the curve in a daemon thread (its prefills take turns with requests on the model lock)
+    and persist it; ``auto`` runs exact-only until it lands. Failures are logged, never raised."""
+
+    def work() -> None:
+        try:
+            engine.set_calibration(measure_curve(engine, **kwargs))
+            log.info("calibration for %s persisted", engine.fingerprint)
+        except Exception:
+            log.exception("background calibration failed; auto stays exact-only")
+
+    thread = threading.Thread(target=work, name="kvfuse-calibration", daemon=True)
+    thread.start()
+    return thread

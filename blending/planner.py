@@ -88,6 +88,16 @@ class Plan:
         return sum(len(s.token_ids) for s in self.segments)
 
     @property
+    def exact_prefix_tokens(self) -> int:
+        """Leading tokens whose cached KV is exact (a prefix hit)."""
+        head = self.segments[0] if self.segments else None
+        return len(head.token_ids) if head is not None and head.kind == "prefix" and head.cached is not None else 0
+
+    @property
+    def cached_chunk_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.segments if s.kind == "chunk" and s.cached is not None)
+
+    @property
     def hits(self) -> int:
         return sum(1 for s in self.segments if s.cached is not None)
 

@@ -82,3 +82,25 @@ def test_other_tenant_traffic_changes_nothing(make_engine: Callable[[], Engine],
         assert torch.equal(got.fused.kv, ref.fused.kv)
         assert torch.equal(got.fused.last_logits, ref.fused.last_logits)
         assert got_tokens == ref_tokens
+
+
+def test_other_tenant_traffic_changes_nothing_in_auto(smollm2: LoadedModel, tmp_path: Path) -> None:
+    """auto with every threshold at zero (so it reuses whatever it may): B's decisions, KV and tokens are
+    the same on an engine where A never ran, though A's traffic fills the same hot cache, store and pool."""
+    from blending.calibration import Calibration
+    from blending.engine import EngineConfig
+    from blending.policy import PolicyConfig
+
+    eager = PolicyConfig(min_prompt_tokens=0, min_reuse_tokens=0, min_reuse_share=0.0, min_saving=0.0)
+
+    def make(i: int) -> Engine:
+        store = TieredStore.from_config(StoreConfig(cpu_bytes=64 << 20, ssd_dir=str(tmp_path / f"auto{i}")))
+        engine = Engine(smollm2, store, EngineConfig(policy=eager))
+        engine.set_calibration(Calibration(engine.fingerprint, {0.15: 0.99}, samples=1))
+        return engine
+
+    alone, shared = _run_b(make(0), "auto", with_a=False), _run_b(make(1), "auto", with_a=True)
+    assert {r.mode for r, _ in alone} - {"dense"}  # auto reused something for B
+    for (ref, ref_tokens), (got, got_tokens) in zip(alone, shared, strict=True):
+        assert (got.mode, got.fallback_reason) == (ref.mode, ref.fallback_reason)
+        assert torch.equal(got.fused.kv, ref.fused.kv) and got_tokens == ref_tokens

@@ -1,0 +1,170 @@
+"""The online fidelity guard: a sample of approximate-reuse requests is re-run dense in the background,
+when the engine is idle, and the running top-1 agreement per tenant and mode steers ``auto``.
+
+Never on a request's critical path: sampling keeps a reference to the request's fused KV (bounded per
+tenant) and a worker thread does the dense run later. Per tenant throughout (own sampling stream, own
+queue quota, own running agreement), so one tenant's traffic never changes another's budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import zlib
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from blending.decode import SamplingParams, generate_tokens, teacher_forced_logits
+from blending.fused import FusedKV
+
+if TYPE_CHECKING:
+    from blending.engine import Engine, PrefillResult
+
+log = logging.getLogger(__name__)
+APPROXIMATE = ("blend", "naive", "anchor", "hybrid")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """``sample_rate``: share of approximate-reuse requests re-run dense; ``window``: agreements kept per
+    tenant and mode; ``min_samples`` before the guard acts; ``recover_margin``: agreement above the target
+    needed to lower the budget again."""
+
+    sample_rate: float = 0.02
+    answer_tokens: int = 8
+    window: int = 20
+    min_samples: int = 3
+    max_pending_per_tenant: int = 2
+    recover_margin: float = 0.02
+    idle_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_rate <= 1.0:
+            raise ValueError("sample_rate must be within [0, 1]")
+
+
+@dataclass
+class _Sample:
+    namespace: str
+    mode: str
+    token_ids: torch.Tensor
+    fused: FusedKV
+
+
+class FidelityGuard:
+    def __init__(self, engine: Engine, config: GuardConfig) -> None:
+        self.engine, self.config = engine, config
+        self._lock = threading.Condition()
+        self._queue: deque[_Sample] = deque()
+        self._pending: dict[str, int] = defaultdict(int)
+        self._rngs: dict[str, random.Random] = {}
+        self._scores: dict[tuple[str, str], deque[float]] = {}  # reported (running agreement)
+        self._evidence: dict[tuple[str, str], deque[float]] = {}  # since the budget last changed
+        self._escalation: dict[str, int] = defaultdict(int)
+        self._busy = 0
+        self._worker: threading.Thread | None = None
+        self.checked = 0
+
+    def offer(self, result: PrefillResult) -> bool:
+        """Sample ``result`` for a background dense re-run (True when taken)."""
+        if result.mode not in APPROXIMATE or self.config.sample_rate <= 0.0:
+            return False
+        ns = result.namespace
+        with self._lock:
+            rng = self._rngs.setdefault(ns, random.Random(zlib.crc32(ns.encode())))
+            if rng.random() >= self.config.sample_rate or self._pending[ns] >= self.config.max_pending_per_tenant:
+                return False
+            self._pending[ns] += 1
+            self._queue.append(_Sample(ns, result.mode, result.fused.token_ids, result.fused))
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._run, name="kvfuse-guard", daemon=True)
+                self._worker.start()
+            self._lock.notify_all()
+        return True
+
+    def escalation(self, namespace: str) -> int:
+        """Budget steps ``auto`` adds for this tenant (0 while its agreement meets the target)."""
+        with self._lock:
+            return self._escalation[namespace]
+
+    def snapshot(self, namespace: str | None = None) -> dict[str, dict[str, Any]]:
+        """Running agreement per mode (one tenant's, or pooled over all when ``namespace`` is None)."""
+        with self._lock:
+            pooled: dict[str, list[float]] = defaultdict(list)
+            for (ns, mode), scores in self._scores.items():
+                if namespace is None or ns == namespace:
+                    pooled[mode].extend(scores)
+        return {m: {"agreement": sum(v) / len(v), "samples": len(v)} for m, v in pooled.items() if v}
+
+    def drain(self, timeout_s: float = 120.0) -> None:
+        """Wait until every sampled request has been checked (benchmarks and tests)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._queue or self._busy:
+                if not self._lock.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError("fidelity guard still busy")
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    if not self._lock.wait(timeout=30.0):
+                        self._worker = None
+                        return
+                sample = self._queue.popleft()
+                self._busy += 1
+            try:
+                self._wait_idle()
+                self._record(sample, self._check(sample))
+            except Exception:  # a failed check must never take the service down
+                log.exception("fidelity guard check failed")
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    self._pending[sample.namespace] -= 1
+                    self._lock.notify_all()
+
+    def _wait_idle(self) -> None:
+        while self.engine.inflight > 0:
+            time.sleep(self.config.idle_s)
+
+    def _check(self, sample: _Sample) -> float:
+        """Top-1 agreement of the sampled KV with a dense prefill over the dense greedy answer."""
+        engine = self.engine
+        eos = engine.tokenizer.eos_token_id
+        params = SamplingParams(max_tokens=self.config.answer_tokens, stop_token_ids=(eos,) if eos is not None else ())
+        with engine.model_lock:
+            dense = engine._dense(sample.token_ids)
+            steps = [t for t, _ in generate_tokens(engine.model, dense, params)]
+            answer = torch.tensor([t for t in steps if t != eos], dtype=torch.int64)
+            if len(answer) == 0:
+                return float(int(torch.argmax(dense.last_logits)) == int(torch.argmax(sample.fused.last_logits)))
+            ref = teacher_forced_logits(engine.model, dense, answer)
+            got = teacher_forced_logits(engine.model, sample.fused, answer)
+        return float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+
+    def _record(self, sample: _Sample, agreement: float) -> None:
+        target = self.engine.config.policy.fidelity_target
+        with self._lock:
+            self.checked += 1
+            key = (sample.namespace, sample.mode)
+            self._scores.setdefault(key, deque(maxlen=self.config.window)).append(agreement)
+            scores = self._evidence.setdefault(key, deque(maxlen=self.config.window))
+            scores.append(agreement)
+            if len(scores) < self.config.min_samples:
+                return
+            mean = sum(scores) / len(scores)
+            ns = sample.namespace
+            if mean < target:
+                self._escalation[ns] += 1
+                scores.clear()  # judge the raised budget on fresh evidence
+                log.warning("guard: agreement %.3f < %.2f for %s; raising the budget", mean, target, sample.mode)
+            elif self._escalation[ns] and mean >= target + self.config.recover_margin:
+                self._escalation[ns] -= 1
+                scores.clear()
+

@@ -1,0 +1,109 @@
+"""The ``auto`` mode: per request, weigh the saving of reuse against its fidelity risk.
+
+Exact reuse (a cached prefix, a prompt that an earlier one extends) never changes the answer and is
+always taken. Approximate reuse (chunks blended, anchor-corrected shared messages) is taken only when
+  - the prompt is long enough and enough of it is cached for the saving to matter (short prompts and
+    prompts with little reusable text run dense: their saving is small and their answers fragile);
+  - the model's calibration curve (agreement with dense per recompute budget, measured by
+    ``kvfuse calibrate`` and persisted under the model fingerprint) names a budget that meets the
+    fidelity target, and that budget still leaves the estimated time saving worth having;
+  - the online guard (background dense re-runs of a sample) has not seen this tenant's agreement fall
+    below the target; while it has, the budget is raised one calibrated step per shortfall, or dense.
+Otherwise the request runs dense (after any exact prefix) and the decision says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from blending.calibration import Calibration
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """``min_prompt_tokens``: shorter prompts run dense. ``min_reuse_tokens`` / ``min_reuse_share``: the
+    approximately reusable tokens needed (count and share of the prompt). ``min_saving``: the estimated
+    share of prefill work saved below which approximate reuse is not worth its risk. ``max_ratio``: the
+    largest recompute budget ``auto`` uses."""
+
+    fidelity_target: float = 0.95
+    min_prompt_tokens: int = 256
+    min_reuse_tokens: int = 128
+    min_reuse_share: float = 0.3
+    min_saving: float = 0.3
+    max_ratio: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fidelity_target <= 1.0:
+            raise ValueError("fidelity_target is a top-1 agreement in (0, 1]")
+        if not 0.0 <= self.min_reuse_share <= 1.0 or not 0.0 <= self.min_saving < 1.0:
+            raise ValueError("min_reuse_share and min_saving are shares in [0, 1)")
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise ValueError("max_ratio must be within (0, 1]")
+
+
+class Features(NamedTuple):
+    """What the planner and the lookup found for one request."""
+
+    prompt_tokens: int
+    exact_tokens: int  # leading tokens with exact KV (cached prefix, hot prompt)
+    cached_tokens: int  # chunk tokens with cached KV (approximate once moved)
+    base_tokens: int  # shared-segment tokens with an anchor base (multi-agent), 0 when not looked up
+    layers: int
+    check_layers: int  # layers that run for every reused token before selection
+
+
+class Decision(NamedTuple):
+    """``mode``: dense | prefix (exact prefix, the rest computed) | blend | hybrid; ``ratio`` for the
+    approximate modes; ``reason`` says why in one line (shown in the response)."""
+
+    mode: str
+    ratio: float | None
+    reason: str
+    saving: float  # estimated share of prefill work saved
+
+
+def estimated_saving(f: Features, approx_tokens: int, ratio: float) -> float:
+    """Share of the dense prefill work (after the exact prefix) that approximate reuse skips: reused
+    tokens still run ``check_layers + 1`` layers, then ``ratio`` of them the remaining ones."""
+    rest = max(1, f.prompt_tokens - f.exact_tokens)
+    ran = (f.check_layers + 1) / max(1, f.layers)
+    cost = (rest - approx_tokens) + approx_tokens * (ran + ratio * (1.0 - ran))
+    return max(0.0, 1.0 - cost / rest)
+
+
+def decide(
+    f: Features, config: PolicyConfig, target: float, calibration: Calibration | None, escalation: int = 0
+) -> Decision:
+    """The auto mode's choice for one request (pure: no I/O, easy to test)."""
+    exact = "prefix" if f.exact_tokens > 0 else "dense"
+    approx = f.cached_tokens if f.cached_tokens else f.base_tokens
+    method = "blend" if f.cached_tokens else "hybrid"
+
+    def safe(why: str) -> Decision:
+        return Decision(exact, None, why, f.exact_tokens / max(1, f.prompt_tokens))
+
+    if f.exact_tokens >= f.prompt_tokens - 1:
+        return Decision("prefix", None, "the whole prompt is cached exactly", 1.0)
+    if f.prompt_tokens < config.min_prompt_tokens:
+        return safe(f"short prompt ({f.prompt_tokens} < {config.min_prompt_tokens} tokens): exact only")
+    if approx < config.min_reuse_tokens or approx < config.min_reuse_share * f.prompt_tokens:
+        return safe(f"little reusable text ({approx} of {f.prompt_tokens} tokens): exact only")
+    if calibration is None:
+        return safe("no calibration for this model yet: exact only (run `kvfuse calibrate`)")
+    ladder = calibration.ladder(target)
+    if not ladder:
+        return safe(f"no calibrated budget reaches agreement {target:.2f}: exact only")
+    if escalation >= len(ladder):
+        return safe(f"guard: agreement below {target:.2f} at every budget: exact only")
+    ratio = ladder[escalation]
+    if ratio > config.max_ratio:
+        return safe(f"budget {ratio:.2f} for agreement {target:.2f} exceeds {config.max_ratio:.2f}: exact only")
+    saving = estimated_saving(f, approx, ratio)
+    if saving < config.min_saving:
+        return safe(f"estimated saving {saving:.2f} below {config.min_saving:.2f}: exact only")
+    why = f"{method} {ratio:.2f}: calibrated for agreement {target:.2f}"
+    if escalation:
+        why += f" (guard raised the budget {escalation} step{'s' if escalation > 1 else ''})"
+    return Decision(method, ratio, why, saving)
