@@ -20,25 +20,32 @@ from rich.console import Console
 from rich.table import Table
 
 from blending.anchors import AnchorConfig
+from blending.calibration import Calibration
 from blending.decode import SamplingParams
 from blending.engine import Engine, EngineConfig, PrefillRequest
-from blending.fidelity import dense_answer, fidelity
+from blending.fidelity import DEFAULT_RATIOS, dense_answer, fidelity, measure_curve
+from blending.guard import GuardConfig
 from blending.model import ModelSpec, load_model
 from blending.planner import PromptSegment
 from kvstore import StoreConfig, TieredStore
 from workloads.agents import agent_prompt_segments, check_answer, make_agent_tasks, make_pipeline
 
 _KIND = {"prefix": "prefix", "shared": "chunk", "own": "text"}
-METHODS = ("anchor", "hybrid", "base", "blend", "naive")  # base: anchor mode without the deviation (ablation)
+METHODS = ("auto", "anchor", "hybrid", "base", "blend", "naive")  # base: anchor mode without the deviation
 
 
 def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: int, fact_tokens: int,
-        answer_tokens: int, seed: int, sheets: int | None = None) -> dict[str, Any]:
+        answer_tokens: int, seed: int, sheets: int | None = None, calibration: Calibration | None = None,
+        ) -> dict[str, Any]:
     loaded = load_model(ModelSpec())
-    # One engine (store and anchor pool) per method, so no method learns from another's requests.
+    # One engine (store and anchor pool) per method, so no method learns from another's requests; the
+    # guard stays off so nothing runs in the background between timed calls.
     engines = {m: Engine(loaded, TieredStore.from_config(StoreConfig(cpu_bytes=2 << 30)),
-                         EngineConfig(anchors=AnchorConfig(apply_deviation=m != "base"))) for m in ("dense", *METHODS)}
+                         EngineConfig(anchors=AnchorConfig(apply_deviation=m != "base"),
+                                      guard=GuardConfig(sample_rate=0.0))) for m in ("dense", *METHODS)}
     engine = engines["dense"]
+    if calibration is not None:
+        engines["auto"].set_calibration(calibration)
     pipeline = make_pipeline(num_agents, topology, seed=seed, prefix_tokens=prefix_tokens)  # type: ignore[arg-type]
     eos = loaded.tokenizer.eos_token_id
     params = SamplingParams(max_tokens=answer_tokens, stop_token_ids=(eos,) if eos is not None else ())
@@ -56,14 +63,15 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
             final = a == num_agents - 1
             prompt_tokens.append(dense.fused.stats.total_tokens)
             if t >= warmup:
-                rows["dense"].append({"reused": 0.0, "ttft_ratio": 1.0, "agreement": 1.0, "kl": 0.0,
+                rows["dense"].append({"reused": 0.0, "cached_share": 0.0, "ttft_ratio": 1.0, "agreement": 1.0,
+                                      "kl": 0.0,
                                       "ttft_ms": dense.ttft_s * 1000, "final": float(final), "agent": float(a),
                                       "correct": float(final and check_answer(task, text))})
             for method in METHODS:
                 eng = engines[method]
                 mode = "anchor" if method == "base" else method
                 result = eng.prefill(PrefillRequest(segs, mode=mode))  # type: ignore[arg-type]
-                if method in ("blend", "naive"):  # as the sidecar does: store the chunks after the response
+                if method in ("blend", "naive", "auto"):  # as the sidecar does: store the chunks after the response
                     eng.writeback(result)
                 if t < warmup:
                     continue
@@ -72,7 +80,10 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
                 if final:
                     out = [tok for tok, _ in eng.generate(result, params)]
                     correct = float(check_answer(task, str(loaded.tokenizer.decode(out, skip_special_tokens=True))))
-                rows[method].append({"reused": float(result.mode != "dense"), "ttft_ms": result.ttft_s * 1000,
+                st = result.fused.stats
+                rows[method].append({"reused": float(result.mode != "dense"),
+                                     "cached_share": (st.exact_tokens + st.reused_tokens) / st.total_tokens,
+                                     "ttft_ms": result.ttft_s * 1000,
                                      "ttft_ratio": result.ttft_s / dense.ttft_s, "agreement": fid.agreement,
                                      "kl": fid.kl, "final": float(final), "agent": float(a), "correct": correct})
     for eng in engines.values():
@@ -88,6 +99,7 @@ def _summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
     reused = [r for r in rows if r["reused"]] or rows
     finals = [r for r in rows if r["final"]]
     return {"reuse_rate": statistics.fmean(r["reused"] for r in rows),
+            "cached_share": statistics.fmean(r["cached_share"] for r in rows),
             "ttft_ratio": statistics.fmean(r["ttft_ratio"] for r in rows),
             "ttft_ratio_reused": statistics.fmean(r["ttft_ratio"] for r in reused),
             "agreement": statistics.fmean(r["agreement"] for r in rows),
@@ -127,24 +139,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer-tokens", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sheets", type=int, help="recurring fact sheets: tasks ask new questions about this many")
+    p.add_argument("--calibration-prompts", type=int, default=8, help="built-in calibration prompts for auto")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     a = p.parse_args(argv)
     if a.quick:
         a.agents, a.tasks, a.warmup, a.prefix_tokens, a.fact_tokens, a.answer_tokens = "2", 2, 1, 60, 80, 4
+        a.calibration_prompts = 1
+    cal_engine = Engine(load_model(ModelSpec()), TieredStore.from_config(StoreConfig(cpu_bytes=1 << 30)),
+                        EngineConfig(guard=GuardConfig(sample_rate=0.0)))
+    with Console().status("calibrating auto on the built-in workload"):
+        cal = measure_curve(cal_engine, (0.15, 1.0) if a.quick else DEFAULT_RATIOS, prompts=a.calibration_prompts)
+    cal_engine.store.close()
     results = [run(int(n), a.topology, a.tasks, a.warmup, a.prefix_tokens, a.fact_tokens, a.answer_tokens, a.seed,
-                   a.sheets) for n in a.agents.split(",")]
+                   a.sheets, cal) for n in a.agents.split(",")]
     sheets = f", {a.sheets} recurring fact sheets" if a.sheets else ""
     table = Table(title=f"multi-agent reuse ({a.topology}{sheets}, after {a.warmup} warm-up tasks)")
-    for col in ("agents", "method", "reuse", "TTFT/dense", "TTFT/dense reused", "agreement", "KL", "accuracy"):
+    cols = ("agents", "method", "reuse", "from cache", "TTFT/dense", "TTFT/dense reused", "agreement", "KL",
+            "accuracy")
+    for col in cols:
         table.add_column(col, justify="right")
     for r in results:
         for m, s in r["methods"].items():
-            table.add_row(str(r["agents"]), m, f"{s['reuse_rate']:.2f}", f"{s['ttft_ratio']:.3f}",
+            table.add_row(str(r["agents"]), m, f"{s['reuse_rate']:.2f}", f"{s['cached_share']:.2f}",
+                          f"{s['ttft_ratio']:.3f}",
                           f"{s['ttft_ratio_reused']:.3f}", f"{s['agreement']:.3f}", f"{s['kl']:.4f}",
                           f"{s['accuracy']:.2f}")
-    Console().print(table)
+    Console(width=160).print(table)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     if a.plot:
