@@ -58,7 +58,7 @@ def measure_curve(
     ratios: Sequence[float] = DEFAULT_RATIOS,
     prompts: int = 8,
     docs: int = 6,
-    answer_tokens: int = 8,
+    answer_tokens: int = 16,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:

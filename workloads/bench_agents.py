@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     with Console().status("calibrating auto on the built-in workload"):
         cal = measure_curve(cal_engine, (0.15, 1.0) if a.quick else DEFAULT_RATIOS, prompts=a.calibration_prompts)
     cal_engine.store.close()
+    Console(width=160).print(f"auto's calibration curve: {cal.as_dict()['curve']}")
     results = [run(int(n), a.topology, a.tasks, a.warmup, a.prefix_tokens, a.fact_tokens, a.answer_tokens, a.seed,
                    a.sheets, cal) for n in a.agents.split(",")]
     sheets = f", {a.sheets} recurring fact sheets" if a.sheets else ""
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{s['accuracy']:.2f}")
     Console(width=160).print(table)
     if a.json:
-        a.json.write_text(json.dumps(results, indent=2))
+        a.json.write_text(json.dumps({"calibration": cal.as_dict(), "runs": results}, indent=2))
     if a.plot:
         _plot(results, a.plot)
     return 0
