@@ -145,7 +145,7 @@ class Engine:
         self.hot = HotPromptCache(self.config.hot_bytes_per_namespace)
         self.calibrations = CalibrationStore(store, self.fingerprint, self.layout) if self.adapter else None
         self._calibration: Calibration | None = None
-        self.on_uncalibrated: Callable[[Engine], None] | None = None
+        self.on_uncalibrated: Callable[[Engine], object] | None = None
         self.guard: FidelityGuard | None = FidelityGuard(self, self.config.guard) if self.adapter else None
 
     def _layout(self) -> str:

@@ -1,4 +1,4 @@
-"""The ``kvfuse`` command line: serve, bench, warm, stats."""
+"""The ``kvfuse`` command line: serve, calibrate, bench, warm, stats."""
 
 from __future__ import annotations
 
@@ -92,6 +92,58 @@ def serve(
         )
     finally:
         engine.store.close()
+
+
+@app.command()
+def calibrate(
+    config: ConfigOpt = None,
+    prompts: Annotated[int, typer.Option(min=1, help="calibration prompts (more: a tighter curve, slower)")] = 8,
+    docs: Annotated[int, typer.Option(min=2, help="documents per prompt")] = 6,
+    ratios: Annotated[str, typer.Option(help="recompute budgets to measure, comma-separated")] = (
+        "0,0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.6,0.8,1"),
+    json_out: Annotated[bool, typer.Option("--json", help="print the curve as JSON")] = False,
+) -> None:
+    """Measure auto's calibration curve (top-1 agreement with dense per recompute budget) for the
+    configured model and persist it in the store under the model fingerprint; every instance sharing the
+    store then uses it."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from blending.fidelity import measure_curve
+    from blending.model import ModelLoadError
+    from server.runtime import StartupError, build_engine
+
+    settings = _settings(config, auto_calibrate=False)
+    try:
+        budgets = tuple(float(r) for r in ratios.split(","))
+    except ValueError:
+        typer.secho(f"error: --ratios must be numbers separated by commas, got {ratios!r}", err=True, fg="red")
+        raise typer.Exit(2) from None
+    try:
+        engine = build_engine(settings)
+    except (ModelLoadError, StartupError) as exc:
+        raise _fail(exc) from None
+    try:
+        with Progress(transient=True) as progress:
+            task = progress.add_task("calibrating", total=prompts)
+            cal = measure_curve(engine, budgets, prompts=prompts, docs=docs,
+                                progress=lambda done, _: progress.update(task, completed=done))
+        engine.set_calibration(cal)
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from None
+    finally:
+        engine.store.close()
+    if json_out:
+        typer.echo(json.dumps(cal.as_dict()))
+        return
+    console = Console()
+    ladder = cal.ladder(settings.fidelity_target)
+    console.print(f"calibration of {engine.loaded.name} ({cal.samples} prompts), persisted:")
+    for r, a in sorted(cal.curve.items()):
+        console.print(f"  budget {r:4.2f}  agreement {a:.3f}")
+    chosen = f"budget {ladder[0]:.2f}" if ladder else "exact reuse only (no budget reaches it)"
+    console.print(f"auto at fidelity target {settings.fidelity_target}: {chosen}")
 
 
 def _bench(module: str, ctx: typer.Context) -> None:

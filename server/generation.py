@@ -158,7 +158,9 @@ async def prefill(
     mode, ratio = resolve_mode(state, options)
     request.state.requested_mode = mode
     await run_in_threadpool(_check_tokens, state, segments, param)
-    req = PrefillRequest(tuple(segments), namespace=tenant, mode=mode, recompute_ratio=ratio)  # type: ignore[arg-type]
+    target = options.fidelity_target if options is not None else None
+    req = PrefillRequest(tuple(segments), namespace=tenant, mode=mode, recompute_ratio=ratio,  # type: ignore[arg-type]
+                         fidelity_target=target)
     try:
         result = await run_in_threadpool(run_prefill, state, req, arrival(request))
     except PromptTooLongError as exc:

@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from blending.accounting import TOKEN_FIELDS
+from blending.guard import FidelityGuard
 from blending.scheduler import FairLock
 from kvstore.store import TieredStore
 
@@ -21,7 +22,7 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 class StoreCollector(Collector):
     """Per-tier gauges read from ``store.stats()`` at scrape time."""
 
-    def __init__(self, store: TieredStore, lock: FairLock | None = None) -> None:
+    def __init__(self, store: TieredStore, lock: FairLock | None = None, guard: FidelityGuard | None = None) -> None:
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -53,6 +54,23 @@ class SchedulerCollector(Collector):
         yields = GaugeMetricFamily("kvfuse_model_yields", "turns a long computation gave to another tenant")
         yields.add_metric([], float(self.lock.yields))
         yield from (waiting, timeouts, yields)
+
+
+class GuardCollector(Collector):
+    """The fidelity guard at scrape time: running top-1 agreement with dense per mode (all tenants)."""
+
+    def __init__(self, guard: FidelityGuard) -> None:
+        self.guard = guard
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        agreement = GaugeMetricFamily("kvfuse_guard_agreement", "running top-1 agreement with a dense re-run",
+                                      labels=["mode"])
+        samples = GaugeMetricFamily("kvfuse_guard_samples", "sampled requests in the running agreement",
+                                    labels=["mode"])
+        for mode, row in sorted(self.guard.snapshot().items()):
+            agreement.add_metric([mode], float(row["agreement"]))
+            samples.add_metric([mode], float(row["samples"]))
+        yield from (agreement, samples)
 
 
 @dataclass
@@ -105,7 +123,7 @@ class ReuseTotals:
 class Metrics:
     """The service's Prometheus metrics plus reuse totals (thread-safe)."""
 
-    def __init__(self, store: TieredStore, lock: FairLock | None = None) -> None:
+    def __init__(self, store: TieredStore, lock: FairLock | None = None, guard: FidelityGuard | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "kvfuse_requests",
@@ -133,6 +151,8 @@ class Metrics:
         self.registry.register(StoreCollector(store))
         if lock is not None:
             self.registry.register(SchedulerCollector(lock))
+        if guard is not None:
+            self.registry.register(GuardCollector(guard))
         self.totals = ReuseTotals()
         self.by_tenant: dict[str, ReuseTotals] = {}
         self._lock = threading.Lock()

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import ScopeDep
-from server.state import StateDep
+from server.state import ServerState, StateDep
 
 router = APIRouter(tags=["admin"])
 
@@ -44,7 +44,18 @@ async def stats(scope: ScopeDep, state: StateDep) -> dict[str, Any]:
         out["store"] = {"tiers": [{k: t[k] for k in ("name", "kind", "available")} for t in store["tiers"]]}
         out["reuse"] = state.metrics.totals_dict(scope)
     out["writeback_pending"] = state.pending(scope)
+    out["fidelity"] = fidelity_view(state, scope)
     return out
+
+
+def fidelity_view(state: ServerState, scope: str | None) -> dict[str, Any]:
+    """auto's target and calibration (model-wide), and the guard's running agreement per mode: the
+    caller's tenant only, or pooled over all tenants for the service view."""
+    engine = state.engine
+    cal = engine.calibration() if engine.adapter is not None else None
+    guard = engine.guard.snapshot(scope) if engine.guard is not None else {}
+    return {"target": engine.config.policy.fidelity_target, "calibration": cal.as_dict() if cal else None,
+            "guard_sample_rate": engine.config.guard.sample_rate, "guard": guard}
 
 
 @router.get("/metrics", response_class=Response)

@@ -7,7 +7,10 @@ import logging
 import torch
 
 from blending.engine import Engine, EngineConfig
+from blending.fidelity import calibrate_in_background
+from blending.guard import GuardConfig
 from blending.model import ModelSpec, load_model
+from blending.policy import PolicyConfig
 from kvstore import StoreConfig, TieredStore
 from server.config import Settings
 
@@ -67,4 +70,10 @@ def build_engine(settings: Settings) -> Engine:
         store = TieredStore.from_config(store_config(settings))
     except Exception as exc:  # e.g. a cluster that went away since the check
         raise StartupError(f"cannot open the store: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
-    return Engine(loaded, store, EngineConfig(max_prompt_tokens=settings.limits.max_prompt_tokens))
+    config = EngineConfig(max_prompt_tokens=settings.limits.max_prompt_tokens,
+                          policy=PolicyConfig(fidelity_target=settings.fidelity_target),
+                          guard=GuardConfig(sample_rate=settings.guard_sample_rate))
+    engine = Engine(loaded, store, config)
+    if settings.auto_calibrate:
+        engine.on_uncalibrated = calibrate_in_background
+    return engine

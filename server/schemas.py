@@ -39,6 +39,10 @@ class KVFuseOptions(_Strict):
     recompute_ratio: Annotated[float | None, Finite] = Field(
         default=None, ge=0.0, le=1.0, description="share of cached tokens recomputed"
     )
+    fidelity_target: Annotated[float | None, Finite] = Field(
+        default=None, gt=0.0, le=1.0,
+        description="auto only: top-1 agreement with a dense prefill to keep (default: the service's setting)",
+    )
 
 
 class CacheControl(_Strict):

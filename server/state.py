@@ -48,7 +48,7 @@ class ServerState:
             settings=settings,
             renderer=Renderer(engine.tokenizer),
             keys=KeyMapper(load_secret(settings.key_secret, settings.data_dir)),
-            metrics=Metrics(engine.store, engine.model_lock),
+            metrics=Metrics(engine.store, engine.model_lock, engine.guard),
             eos_ids=tuple(sorted(eos)),
         )
 

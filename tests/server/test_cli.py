@@ -15,7 +15,7 @@ from tests.server.conftest import Service
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["warm"], ["stats"], ["bench"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["calibrate"], ["warm"], ["stats"], ["bench"]])
 def test_help(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -101,3 +101,22 @@ def test_warm_in_process_persists_to_the_data_dir(tmp_path: Path) -> None:
     (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(row["key"]) == 32 and row["tokens"] > 8
     assert any((tmp_path / "data" / "kv").rglob("*")) and (tmp_path / "data" / "secret").is_file()
+
+
+def test_calibrate_persists_the_curve_for_later_instances(tmp_path: Path) -> None:
+    env = {"KVFUSE_DATA_DIR": str(tmp_path / "data")}
+    args = ["calibrate", "--prompts", "1", "--docs", "2", "--ratios", "0.15,1", "--json"]
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    (curve,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert curve["samples"] == 1 and curve["curve"]["1"] == 1.0
+    from server.config import Settings
+    from server.runtime import build_engine
+
+    engine = build_engine(Settings(data_dir=tmp_path / "data", auto_calibrate=False))  # a later instance
+    try:
+        cal = engine.calibration()
+        assert cal is not None and cal.as_dict()["curve"] == curve["curve"]
+    finally:
+        engine.store.close()
+    assert runner.invoke(app, ["calibrate", "--ratios", "a,b"], env=env).exit_code == 2
