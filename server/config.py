@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     auto_calibrate: bool = True  # measure the model's calibration curve in the background on first use
     guard_sample_rate: float = Field(default=0.02, ge=0.0, le=1.0, allow_inf_nan=False)  # re-run dense
     request_deadline_s: float = Field(default=60.0, gt=0.0, allow_inf_nan=False)  # max wait for a first turn
-    prefill_chunk_tokens: int = Field(default=256, ge=1)  # tokens between two turns offered to other tenants
+    prefill_chunk_tokens: int = Field(default=64, ge=1)  # tokens between two turns offered to other tenants
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("cpu_bytes", "ssd_bytes", mode="before")

@@ -1,12 +1,15 @@
-"""Service benchmark: blob GET/PUT throughput over loopback and chat TTFT (p50/p99) at 1, 8 and 32
-concurrent clients, dense vs reuse, in one run against an in-process server on a free loopback port.
+"""Service benchmark: blob GET/PUT throughput over loopback, chat TTFT (p50/p99) at 1, 8 and 32
+concurrent clients, dense vs reuse, and head-of-line latency (one tenant's 2-token chats while another
+tenant's long ``/v1/logprobs`` runs, against idle), in one run against an in-process server on a free
+loopback port.
 
 TTFT is measured by the client: from sending a streaming chat request to its first content event.
 Each request carries ``--docs`` documents drawn from a warmed pool in a shuffled order, so reuse means
 blending cached chunks at new positions (not a prefix hit). Dense requests neither read nor write the
-cache. Target: 1 MB blob GET >= 300 MB/s.
+cache. Targets: 1 MB blob GET >= 300 MB/s; a short chat beside a long request <= 10x its idle latency.
 
     python -m workloads.bench_server [--quick] [--json out.json] [--clients 1,8,32] [--requests N]
+                                     [--long-tokens 3500] [--chunk-tokens 64]
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from server.config import Limits, Settings
 from server.embedded import BackgroundServer
 
 TARGET_GET_MB_S = 300.0
+TARGET_HOL_RATIO = 10.0  # a short request beside a long one, over its idle latency
+HOL_KEYS = {"sk-long": "long-tenant", "sk-short": "short-tenant"}
 _WORDS = ("river", "city", "market", "bridge", "garden", "station", "museum", "harbour", "tower", "school",
           "forest", "island", "valley", "village", "engineer", "baker", "teacher", "doctor", "sailor")  # fmt: skip
 
@@ -196,9 +201,70 @@ def bench_chat(
     }
 
 
+def long_text(engine: Engine, tokens: int, seed: int = 1) -> str:
+    """Synthetic prose of about ``tokens`` tokens."""
+    rng = random.Random(seed)
+    words: list[str] = []
+    while len(engine.tokenize(" ".join(words))) < tokens:
+        words += [rng.choice(_WORDS) for _ in range(max(16, (tokens - len(words)) // 2))]
+    while len(words) > 1 and len(engine.tokenize(" ".join(words))) > tokens:
+        words = words[: max(1, len(words) - max(1, len(words) // 50))]
+    return " ".join(words)
+
+
+def _short_chat(client: httpx.Client, i: int) -> float:
+    """One 2-token dense chat (ms, client-measured, whole request)."""
+    body = {"messages": [{"role": "user", "content": f"Say hello to visitor {i}."}], "max_tokens": 2,
+            "temperature": 0, "kvfuse": {"mode": "dense"}}  # fmt: skip
+    t0 = time.perf_counter()
+    client.post("/v1/chat/completions", json=body).raise_for_status()
+    return (time.perf_counter() - t0) * 1000
+
+
+def bench_head_of_line(url: str, continuation: str, idle_requests: int) -> dict[str, Any]:
+    """Short 2-token chats of one tenant: ``idle_requests`` alone, then back to back while another tenant's
+    ``/v1/logprobs`` of ``continuation`` (dense) runs, until it ends (at least one)."""
+    auth = {k: {"Authorization": f"Bearer {k}"} for k in HOL_KEYS}
+    long_body = {"messages": [{"role": "user", "content": "Read this."}], "continuation": continuation,
+                 "top_logprobs": 0, "kvfuse": {"mode": "dense"}}  # fmt: skip
+    with httpx.Client(base_url=url, headers=auth["sk-short"], timeout=600) as short:
+        _short_chat(short, -1)  # warm-up
+        idle = [_short_chat(short, i) for i in range(idle_requests)]
+        done: dict[str, float] = {}
+
+        def run_long() -> None:
+            with httpx.Client(base_url=url, headers=auth["sk-long"], timeout=600) as long_client:
+                t0 = time.perf_counter()
+                r = long_client.post("/v1/logprobs", json=long_body)
+                r.raise_for_status()
+                done["ms"] = (time.perf_counter() - t0) * 1000
+                done["tokens"] = len(r.json()["tokens"])
+
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(run_long)
+            time.sleep(0.2)  # let the long request take the model
+            busy: list[float] = []
+            while not future.done() or not busy:
+                busy.append(_short_chat(short, len(busy)))
+            future.result()
+    idle_p50 = _pct(idle, 0.5)
+    ratio_p50, ratio_max = _pct(busy, 0.5) / idle_p50, max(busy) / idle_p50
+    return {
+        "idle": _latency(idle),
+        "busy": {**_latency(busy), "max_ms": max(busy), "n": len(busy)},
+        "long_ms": done["ms"],
+        "long_tokens": int(done["tokens"]),
+        "ratio_p50": ratio_p50,
+        "ratio_max": ratio_max,
+        "target_ratio": TARGET_HOL_RATIO,
+        "target_ok": bool(ratio_max <= TARGET_HOL_RATIO),
+    }
+
+
 def run(
     clients: Sequence[int], requests: int | None, *, quick: bool, blob_bytes: int, blob_iters: int,
-    docs: int, doc_words: int, pool_size: int, threads: int | None,
+    docs: int, doc_words: int, pool_size: int, threads: int | None, long_tokens: int = 3500,
+    chunk_tokens: int = 64,
 ) -> dict[str, Any]:  # fmt: skip
     """Start the service in-process, run the blob and chat benchmarks, stop it."""
     if threads:
@@ -223,12 +289,18 @@ def run(
                 row["ratio_p50"] = row["reuse"]["p50_ms"] / row["dense"]["p50_ms"]
                 row["ratio_p99"] = row["reuse"]["p99_ms"] / row["dense"]["p99_ms"]
                 chat.append(row)
+        hol_limits = Limits(max_prompt_tokens=max(8192, long_tokens + 64), max_completion_tokens=16)
+        hol_settings = Settings(data_dir=Path(work), limits=hol_limits, api_keys=HOL_KEYS,
+                                prefill_chunk_tokens=chunk_tokens)  # fmt: skip
+        with BackgroundServer(create_app(engine, hol_settings)) as server:
+            hol = bench_head_of_line(server.url, long_text(engine, long_tokens), 3 if quick else 8)
+            hol["chunk_tokens"] = chunk_tokens
     finally:
         store.close()
         shutil.rmtree(work, ignore_errors=True)
     meta = {"model": loaded.name, "quick": quick, "docs_per_request": docs, "doc_words": doc_words,
             "pool": pool_size, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}  # fmt: skip
-    return {"meta": meta, "blob": blobs, "chat": chat}
+    return {"meta": meta, "blob": blobs, "chat": chat, "head_of_line": hol}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -258,6 +330,18 @@ def print_report(report: dict[str, Any]) -> None:
                      f"{u['p50_ms']:.0f}", f"{u['p99_ms']:.0f}", f"{r['ratio_p50']:.2f}", f"{r['ratio_p99']:.2f}",
                      f"{u['cached_tokens_mean']:.0f}", f"{u['prompt_tokens_mean']:.0f}")  # fmt: skip
     console.print(chat)
+    h = report["head_of_line"]
+    hol = Table(title=f"kvfuse server: 2-token chat beside another tenant's {h['long_tokens']}-token /v1/logprobs "
+                      f"({h['long_ms'] / 1000:.1f} s; chunks of {h['chunk_tokens']} tokens), ms")  # fmt: skip
+    for col in ("", "p50", "p99", "max", "n", "/ idle p50"):
+        hol.add_column(col, justify="right")
+    i, b = h["idle"], h["busy"]
+    hol.add_row("idle", f"{i['p50_ms']:.0f}", f"{i['p99_ms']:.0f}", "", "", "1.0")
+    hol.add_row("beside the long request", f"{b['p50_ms']:.0f}", f"{b['p99_ms']:.0f}", f"{b['max_ms']:.0f}",
+                str(b["n"]), f"{h['ratio_p50']:.1f} (max {h['ratio_max']:.1f})")  # fmt: skip
+    console.print(hol)
+    ok = "[green]ok[/]" if h["target_ok"] else "[red]above target[/]"
+    console.print(f"head-of-line target <= {h['target_ratio']:.0f}x idle (worst request): {ok}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blob-mb", type=float, default=1.0, help="blob size in MB [1]")
     parser.add_argument("--blob-iters", type=int, default=None, help="blobs per op [50]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--long-tokens", type=int, default=None, help="head-of-line: long continuation [3500]")
+    parser.add_argument("--chunk-tokens", type=int, default=64, help="prefill_chunk_tokens of the service [64]")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--quick", action="store_true", help="small smoke run (1 and 4 clients)")
     args = parser.parse_args(argv)
@@ -286,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         doc_words=args.doc_words or (20 if args.quick else 60),
         pool_size=8 if args.quick else 16,
         threads=args.threads,
+        long_tokens=args.long_tokens or (400 if args.quick else 3500),
+        chunk_tokens=args.chunk_tokens,
     )
     print_report(report)
     if args.json:

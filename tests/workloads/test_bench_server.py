@@ -14,7 +14,7 @@ def test_quick_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = tmp_path / "bench.json"
     assert bench_server.main(["--quick", "--clients", "1,2", "--blob-iters", "3", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"meta", "blob", "chat"}
+    assert set(report) == {"meta", "blob", "chat", "head_of_line"}
     assert report["meta"]["quick"] is True and report["meta"]["model"] == "smollm2-135m-instruct"
     blob = report["blob"]
     assert blob["bytes"] > 900_000 and isinstance(blob["target_ok"], bool) and blob["target_get_mb_s"] == 300
@@ -30,5 +30,9 @@ def test_quick_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
             assert stats["p99_ms"] >= stats["p50_ms"] > 0
         assert row["dense"]["modes"] == ["dense"] and row["dense"]["cached_tokens_mean"] == 0
         assert row["reuse"]["cached_tokens_mean"] > 0
+    hol = report["head_of_line"]
+    assert hol["long_tokens"] >= 300 and hol["busy"]["n"] >= 1 and hol["idle"]["p50_ms"] > 0
+    assert hol["ratio_p50"] > 0 and hol["ratio_max"] >= hol["ratio_p50"] and isinstance(hol["target_ok"], bool)
+    assert hol["target_ratio"] == 10 and hol["chunk_tokens"] == 64
     printed = capsys.readouterr().out
-    assert "MB blobs" in printed and "chat TTFT" in printed
+    assert "MB blobs" in printed and "chat TTFT" in printed and "beside another tenant" in printed
