@@ -19,14 +19,13 @@ from blending.calibration import Calibration, CalibrationStore
 from blending.decode import SamplingParams, dense_prefill, generate_tokens, teacher_forced_logits
 from blending.fused import FusedKV, Reuse, SegmentInput
 from blending.guard import FidelityGuard, GuardConfig
-from blending.lookup import KVValidator, exact_inputs, lookup_hot, lookup_store
+from blending.lookup import KVValidator, exact_inputs, exact_length, lookup_hot, lookup_store
 from blending.model import LoadedModel
 from blending.planner import MODES, KeySpaces, Mode, Plan, PromptSegment, make_plan
 from blending.policy import Decision, Features, PolicyConfig, decide
-from blending.precompute import chunk_kv
 from blending.prompt_cache import HotPromptCache, PrefixHit
 from blending.scheduler import FairLock, current_queue_s
-from blending.writeback import publish_bases, publish_first, remember, segment_starts, write_back
+from blending.writeback import publish_bases, publish_first, remember, segment_starts, warm_chunks, write_back
 from kvstore.chunk import KVChunk, dtype_name
 from kvstore.keys import ChunkKey
 from kvstore.store import TieredStore
@@ -97,19 +96,6 @@ class PrefillResult:
 
 class PromptTooLongError(ValueError):
     pass
-
-
-def exact_length(plan: Plan, fused: FusedKV, mode: str, hot: PrefixHit | None = None) -> int:
-    """Leading tokens of ``fused`` whose KV equals a dense prefill's: all of a dense (or exact-prefix)
-    prefill; otherwise everything before the first token whose KV came from a moved chunk."""
-    if mode in ("dense", "prefix"):
-        return int(fused.kv.shape[3])
-    start = 0
-    for item in exact_inputs(plan, hot):
-        if item.reuse is Reuse.CACHED:
-            return start
-        start += len(item.token_ids)
-    return start
 
 
 class Engine:
@@ -256,7 +242,7 @@ class Engine:
         end = time.perf_counter()
         if mode == "dense" and reason:
             log.info("dense fallback: %s", reason)
-        if self.adapter is not None and self.config.writeback:
+        if self.adapter is not None and self.config.writeback and request.mode != "dense":
             remember(self.hot, plan, fused, exact_len, request.namespace, self.fingerprint)
         keyed = [s for s in plan.segments if s.key is not None]
         return PrefillResult(
@@ -367,26 +353,9 @@ class Engine:
         """Precompute and store the KV of chunks (after ``prefix_text`` when shared-prefix mode is on)."""
         if self.adapter is None:
             raise UnsupportedModelError(self.unsupported_reason or "model not supported")
-        spaces = self.spaces(namespace)
         prefix_ids = self.tokenize(prefix_text) if prefix_text and self.config.shared_prefix else None
-        prefix: KVChunk | None = None
-        if prefix_ids is not None and len(prefix_ids):
-            pkey = spaces.prefix_key(prefix_ids)
-            prefix = self.store.get(pkey)
-            if prefix is None:
-                with self.model_lock:
-                    prefix = chunk_kv(self.adapter, self.fingerprint, prefix_ids)
-                self.store.put(pkey, prefix)
-        keys: list[ChunkKey] = []
-        for text in texts:
-            ids = self.tokenize(text)
-            key = spaces.chunk_key(ids, prefix_ids if prefix is not None else None)
-            if not self.store.contains(key):
-                with self.model_lock:
-                    chunk = chunk_kv(self.adapter, self.fingerprint, ids, prefix)
-                self.store.put(key, chunk)
-            keys.append(key)
-        return keys
+        return warm_chunks(self.store, self.adapter, self.fingerprint, self.model_lock, self.spaces(namespace),
+                           [self.tokenize(t) for t in texts], prefix_ids)
 
     def generate(self, result: PrefillResult, params: SamplingParams) -> Iterator[tuple[int, torch.Tensor]]:
         """Decode from the fused KV; the model lock is held per step so requests interleave."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from blending.fused import Reuse, SegmentInput
+from blending.fused import FusedKV, Reuse, SegmentInput
 from blending.planner import Plan
 from blending.prompt_cache import HotPromptCache, PrefixHit, token_digest
 from kvstore.chunk import KVChunk
@@ -80,3 +80,16 @@ def exact_inputs(plan: Plan, hit: PrefixHit | None) -> list[SegmentInput]:
             out.append(SegmentInput(seg.token_ids[n - start :]))
         start = stop
     return out
+
+
+def exact_length(plan: Plan, fused: FusedKV, mode: str, hot: PrefixHit | None = None) -> int:
+    """Leading tokens of ``fused`` whose KV equals a dense prefill's: all of a dense (or exact-prefix)
+    prefill; otherwise everything before the first token whose KV came from a moved chunk."""
+    if mode in ("dense", "prefix"):
+        return int(fused.kv.shape[3])
+    start = 0
+    for item in exact_inputs(plan, hot):
+        if item.reuse is Reuse.CACHED:
+            return start
+        start += len(item.token_ids)
+    return start

@@ -17,7 +17,7 @@ from blending.adapter import ModelAdapter
 from blending.anchor_flow import chunk_contexts
 from blending.anchors import AnchorPool
 from blending.fused import FusedKV
-from blending.planner import Plan
+from blending.planner import KeySpaces, Plan
 from blending.precompute import chunk_kv
 from blending.prompt_cache import HotPrompt, HotPromptCache, token_digest
 from kvstore.chunk import KVChunk
@@ -106,3 +106,26 @@ def write_back(
     if items:
         store.put_many(items)
     return [k for k, _ in items]
+
+
+def warm_chunks(store: TieredStore, adapter: ModelAdapter, fingerprint: str, model_lock: AbstractContextManager[Any],
+                spaces: KeySpaces, chunks: list[torch.Tensor], prefix_ids: torch.Tensor | None) -> list[ChunkKey]:
+    """Precompute and store the KV of ``chunks`` (token ids), after ``prefix_ids`` when given (the
+    prefix's own exact KV is stored too); chunks already stored are skipped. Returns their keys."""
+    prefix: KVChunk | None = None
+    if prefix_ids is not None and len(prefix_ids):
+        pkey = spaces.prefix_key(prefix_ids)
+        prefix = store.get(pkey)
+        if prefix is None:
+            with model_lock:
+                prefix = chunk_kv(adapter, fingerprint, prefix_ids)
+            store.put(pkey, prefix)
+    keys: list[ChunkKey] = []
+    for ids in chunks:
+        key = spaces.chunk_key(ids, prefix_ids if prefix is not None else None)
+        if not store.contains(key):
+            with model_lock:
+                chunk = chunk_kv(adapter, fingerprint, ids, prefix)
+            store.put(key, chunk)
+        keys.append(key)
+    return keys

@@ -37,6 +37,7 @@ def engine(smollm2: LoadedModel, tmp_path: Path) -> Iterator[Engine]:
 
 def test_short_prompt_in_auto_is_exact(engine: Engine) -> None:
     engine.writeback(engine.prefill(request((0, 1, 2), mode="dense", namespace="warm")))
+    assert engine.hot.bytes_used("warm") == 0  # the dense reference leaves nothing in the hot cache
     engine.writeback(engine.prefill(request((0, 1, 2), namespace="warm")))
     result = engine.prefill(request((2, 0, 1), mode="auto", namespace="warm"))
     assert result.mode in ("prefix", "dense") and "short prompt" in (result.fallback_reason or "")
