@@ -162,6 +162,13 @@ class _TenantRecent:
                 del self._maps[victim]
         return entries.get(key, value)
 
+    def pop(self, namespace: str, key: str) -> None:
+        entries = self._maps.get(namespace)
+        if entries is not None and entries.pop(key, None) is not None:
+            self._size -= 1
+            if not entries:
+                del self._maps[namespace]
+
     def __len__(self) -> int:
         return self._size
 
@@ -199,6 +206,13 @@ class AnchorPool:
     def origin(self, namespace: str, base_key: str) -> str | None:
         with self._lock:
             return self._origins.get(namespace, base_key)
+
+    def forget_origin(self, namespace: str, base_key: str, context: str) -> None:
+        """Drop ``context`` as the origin of a base it did not get to publish (another writer won: the
+        stored base came from elsewhere, so its origin is unknown here)."""
+        with self._lock:
+            if self._origins.get(namespace, base_key) == context:
+                self._origins.pop(namespace, base_key)
 
     def count_same_context(self) -> None:
         with self._lock:

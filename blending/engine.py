@@ -25,7 +25,15 @@ from blending.planner import MODES, KeySpaces, Mode, Plan, PromptSegment, make_p
 from blending.policy import Decision, Features, PolicyConfig, decide
 from blending.prompt_cache import HotPromptCache, PrefixHit
 from blending.scheduler import FairLock, current_queue_s
-from blending.writeback import publish_bases, publish_first, remember, segment_starts, warm_chunks, write_back
+from blending.writeback import (
+    forget_lost_origins,
+    publish_bases,
+    publish_first,
+    remember,
+    segment_starts,
+    warm_chunks,
+    write_back,
+)
 from kvstore.chunk import KVChunk, dtype_name
 from kvstore.keys import ChunkKey
 from kvstore.store import TieredStore
@@ -231,7 +239,8 @@ class Engine:
                 fused, mode, anchor_reason, computed = self._anchor(plan, mode, ratio, request.namespace)
                 reason = anchor_reason or (reason if request.mode == "auto" else None)
                 if computed and self.config.writeback:
-                    publish_first(self.store, computed)
+                    forget_lost_origins(self.anchor_pool, plan, computed, publish_first(self.store, computed),
+                                        request.namespace)
                 exact_len = exact_length(plan, fused, mode, hot)
             else:
                 fused, mode, reason = self._compute(plan, hot, mode, reason, ratio)

@@ -71,6 +71,18 @@ def publish_bases(store: TieredStore, pool: AnchorPool, anchor_plan: Plan, fused
             pool.note_origin(namespace, key.hex, context)
 
 
+def forget_lost_origins(pool: AnchorPool | None, plan: Plan, items: list[tuple[ChunkKey, KVChunk]],
+                        won: list[bool], namespace: str) -> None:
+    """After an anchor-mode publication: a base this request computed but another writer (another
+    instance over the same tier) stored first does not originate here; forget the origin noted for it."""
+    if pool is None:
+        return
+    contexts = {seg.key: ctx for seg, ctx, _ in chunk_contexts(plan)}
+    for (key, _), stored in zip(items, won, strict=True):
+        if not stored and key in contexts:
+            pool.forget_origin(namespace, key.hex, contexts[key])
+
+
 def write_back(
     store: TieredStore,
     adapter: ModelAdapter,

@@ -17,6 +17,7 @@ from blending.model import LoadedModel
 from blending.planner import PromptSegment
 from blending.rope import rerotate
 from kvstore import StoreConfig, TieredStore
+from kvstore.chunk import KVChunk
 from tests.blending.test_engine import DOCS, QUESTION, SYSTEM, request
 
 LONG = [d.strip() + " " + " ".join(f"Note {k}: the archive keeps records of {d.split()[0]} for year {1900 + k}."
@@ -163,3 +164,21 @@ def test_first_use_calibrates_in_the_background(engine: Engine) -> None:
     assert cal is not None and cal.samples == 1 and set(cal.curve) == {0.15, 1.0}
     assert cal.curve[1.0] == 1.0  # recomputing every token is a dense prefill
     assert engine.calibrations is not None and engine.calibrations.load() == cal
+
+
+def test_a_base_lost_to_another_writer_keeps_no_origin_here(engine: Engine) -> None:
+    """Two instances over one tier compute the same new message at once: the one whose publication loses
+    must not remember itself as the origin of the stored base (it holds another context's KV)."""
+    from blending.anchor_flow import chunk_contexts
+    from blending.writeback import forget_lost_origins
+
+    pool = engine.anchor_pool
+    assert pool is not None
+    plan = engine._anchor_plan(long_request((0, 1)).segments, "default")
+    (seg, ctx, _), (seg2, ctx2, _) = chunk_contexts(plan)
+    assert seg.key is not None and seg2.key is not None
+    pool.note_origin("default", seg.key.hex, ctx)
+    pool.note_origin("default", seg2.key.hex, ctx2)
+    chunk = KVChunk(torch.zeros(30, 2, 3, 1, 64), torch.arange(1), engine.fingerprint)
+    forget_lost_origins(pool, plan, [(seg.key, chunk), (seg2.key, chunk)], [False, True], "default")
+    assert pool.origin("default", seg.key.hex) is None and pool.origin("default", seg2.key.hex) == ctx2
