@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from blending.cacheblend import BlendConfig
-from blending.calibration import document_segments, new_order
+from blending.calibration import Calibration, document_segments, new_order
 from blending.engine import Engine, EngineConfig, PrefillRequest, PrefillResult
 from blending.fidelity import DEFAULT_RATIOS, fidelity, greedy_answer, measure_curve
 from blending.guard import GuardConfig
@@ -72,7 +72,9 @@ def example_segments(loaded: LoadedModel, example: RagExample, order: list[int])
 class Harness:
     """One engine per method over one store; each kind of chunk variant lives in its own tenant."""
 
-    def __init__(self, loaded: LoadedModel, store: TieredStore, ms: list[Method], target: float) -> None:
+    def __init__(self, loaded: LoadedModel, store: TieredStore, ms: list[Method], target: float,
+                 repeats: int = 2) -> None:
+        self.repeats = repeats
         self.loaded, self.store = loaded, store
         off = GuardConfig(sample_rate=0.0)  # nothing runs in the background between timed requests
         policy = PolicyConfig(fidelity_target=target)
@@ -95,7 +97,7 @@ class Harness:
     def run(self, example: RagExample, answer_tokens: int, rng: random.Random) -> dict[str, dict[str, Any]]:
         self.warm(example_segments(self.loaded, example, list(range(len(example.documents)))))
         segments = example_segments(self.loaded, example, new_order(len(example.documents), rng))
-        dense_s, dense = timed(self.reference, PrefillRequest(segments, "reference", "dense"))
+        dense_s, dense = timed(self.reference, PrefillRequest(segments, "reference", "dense"), self.repeats)
         answer = greedy_answer(self.reference, dense, answer_tokens)
         reference = self.reference.score(dense, answer)
         rows: dict[str, dict[str, Any]] = {}
@@ -103,7 +105,7 @@ class Harness:
             engine = self.engines[m.name]
             ns = "reference" if m.mode == "dense" else m.variant
             request = PrefillRequest(segments, ns, m.mode, m.ratio)  # type: ignore[arg-type]
-            took, result = timed(engine, request)
+            took, result = timed(engine, request, self.repeats)
             text = str(self.loaded.tokenizer.decode(greedy_answer(engine, result, answer_tokens).tolist()))
             fid = fidelity(engine, result, reference, answer)
             s = result.fused.stats
@@ -209,6 +211,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="corpus and order seed")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument("--plot", type=Path, default=None, help="write the frontier figure (PNG) here")
+    p.add_argument("--calibration-from", type=Path, default=None,
+                   help="use the curve of an earlier --json report instead of measuring one")
+    p.add_argument("--only", default=None, help="comma-separated method names to run (dense always runs)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per method and prompt (the best counts)")
     p.add_argument("--quick", action="store_true", help="a tiny run for smoke tests (figures are not meaningful)")
     args = p.parse_args(argv)
     if args.quick:
@@ -222,13 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=160)
     loaded = load_model(ModelSpec())
     ms = methods(args.quick)
+    if args.only:
+        keep = {n.strip() for n in args.only.split(",")} | {"dense"}
+        ms = [m for m in ms if m.name in keep]
     report: dict[str, Any] = {"model": loaded.name, "examples": args.examples, "docs": args.docs,
                               "doc_tokens": args.doc_tokens, "fidelity_target": args.fidelity_target}
     with tempfile.TemporaryDirectory() as tmp:
         store = TieredStore.from_config(StoreConfig(cpu_bytes=6 << 30, ssd_dir=tmp, ssd_bytes=8 << 30))
-        harness = Harness(loaded, store, ms, args.fidelity_target)
+        harness = Harness(loaded, store, ms, args.fidelity_target, args.repeats)
         auto = harness.engines.get("auto")
-        if auto is not None:
+        if auto is not None and args.calibration_from is not None:
+            saved = json.loads(args.calibration_from.read_text())["calibration"]
+            cal = Calibration(auto.fingerprint, {float(r): a for r, a in saved["curve"].items()}, saved["samples"])
+            auto.set_calibration(cal)
+            report["calibration"] = {**cal.as_dict(), "from": str(args.calibration_from)}
+        elif auto is not None:
             ratios = (0.15, 1.0) if args.quick else DEFAULT_RATIOS
             t0 = time.perf_counter()
             with console.status("calibrating auto on the built-in workload"):
