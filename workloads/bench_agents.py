@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sheets", type=int, help="recurring fact sheets: tasks ask new questions about this many")
     p.add_argument("--calibration-prompts", type=int, default=8, help="built-in calibration prompts for auto")
+    p.add_argument("--calibration-from", type=Path, help="use the curve of an earlier --json report")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
@@ -149,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         a.calibration_prompts = 1
     cal_engine = Engine(load_model(ModelSpec()), TieredStore.from_config(StoreConfig(cpu_bytes=1 << 30)),
                         EngineConfig(guard=GuardConfig(sample_rate=0.0)))
-    with Console().status("calibrating auto on the built-in workload"):
-        cal = measure_curve(cal_engine, (0.15, 1.0) if a.quick else DEFAULT_RATIOS, prompts=a.calibration_prompts)
+    if a.calibration_from is not None:  # the curve of an earlier report (bench rag or agents)
+        saved = json.loads(a.calibration_from.read_text())["calibration"]
+        cal = Calibration(cal_engine.fingerprint, {float(r): v for r, v in saved["curve"].items()}, saved["samples"])
+    else:
+        with Console().status("calibrating auto on the built-in workload"):
+            cal = measure_curve(cal_engine, (0.15, 1.0) if a.quick else DEFAULT_RATIOS, prompts=a.calibration_prompts)
     cal_engine.store.close()
     Console(width=160).print(f"auto's calibration curve: {cal.as_dict()['curve']}")
     results = [run(int(n), a.topology, a.tasks, a.warmup, a.prefix_tokens, a.fact_tokens, a.answer_tokens, a.seed,
