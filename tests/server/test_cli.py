@@ -15,16 +15,11 @@ from tests.server.conftest import Service
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["calibrate"], ["warm"], ["stats"], ["bench"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["calibrate"], ["warm"], ["stats"]])
 def test_help(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
-
-
-def test_bench_dispatches_to_the_workload() -> None:
-    result = runner.invoke(app, ["bench", "server", "--help"])
-    assert result.exit_code == 0 and "kvfuse bench server" in result.output  # argparse's own help
 
 
 def test_serve_reports_bad_settings(tmp_path: Path) -> None:
