@@ -105,7 +105,7 @@ class ChunkWarmer:
         if self.system_prompt is None:
             return None
         if self._prefix is None:
-            from server.render import Renderer  # the chat prefix exactly as the sidecar renders it
+            from blending.render import Renderer  # the chat prefix exactly as the sidecar renders it
 
             self._prefix = Renderer(self.engine.tokenizer).chat_prefix(self.system_prompt)
         return self._prefix
