@@ -24,7 +24,9 @@ class BlendConfig:
     """Selective recompute settings.
 
     ``recompute_ratio``: share of cached (non-exact) tokens recomputed after the last check layer;
-    1.0 reproduces a dense prefill, 0.0 is naive reuse. ``check_layers``: layers where the selection
+    1.0 reproduces a dense prefill; 0.0 recomputes no cached token after the last check layer, but every
+    layer up to it still runs for all tokens (naive reuse is ``check_layers=()`` with ratio 0, below).
+    ``check_layers``: layers where the selection
     is made; with several, the kept share shrinks geometrically from ``first_ratio`` down to
     ``recompute_ratio``. ``deviation``: compare V (default) or K. ``attention_weight``: blend the
     deviation score with the attention that the prompt's last fresh tokens pay each token (0 = pure
