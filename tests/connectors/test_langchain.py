@@ -72,13 +72,21 @@ def test_rag_chain_reuses_chunk_kv_and_matches_dense(kvfuse_url: str, kv: KVFuse
     context = {"context": retriever | documents_to_messages, "question": RunnablePassthrough()}
     chain = context | _prompt() | llm
 
+    # auto (the default) on this short prompt: exact reuse only, so dense's answer (the documented example)
     first = chain.invoke("How tall is the Eiffel Tower in Paris?")
     assert retriever.warmer.warmed == 2 and retriever.warmer.failures == 0
-    assert first.response_metadata["kvfuse"]["chunk_hits"] == 2  # warmed standalone, hit via the fallback key
+    auto = first.response_metadata["kvfuse"]
+    assert auto["chunk_hits"] == 2, auto  # warmed standalone, hit via the fallback key
+    assert auto["mode"] in ("prefix", "dense") and auto["reused_tokens"] == auto["recomputed_tokens"] == 0, auto
+    assert "exact only" in (auto["fallback_reason"] or ""), auto
+    first_dense = llm.invoke((context | _prompt()).invoke("How tall is the Eiffel Tower in Paris?"),
+                             kvfuse={"mode": "dense"})  # fmt: skip
+    assert first.content == first_dense.content, (first.content, first_dense.content)
     kv.wait_writebacks()
 
+    # blend requested: the chunk KV is reused at new places
     question = "Which museum in Paris has the most visitors?"  # other documents' order, one new neighbour
-    second = chain.invoke(question)
+    second = (context | _prompt() | llm.bind(kvfuse={"mode": "blend"})).invoke(question)
     info = second.response_metadata["kvfuse"]
     assert info["mode"] == "blend" and info["cached_tokens"] > 0 and info["reused_tokens"] > 0, info
     assert second.usage_metadata is not None
@@ -91,11 +99,13 @@ def test_rag_chain_reuses_chunk_kv_and_matches_dense(kvfuse_url: str, kv: KVFuse
     assert dense.response_metadata["kvfuse"]["mode"] == "dense"
     assert dense.response_metadata["kvfuse"]["cached_tokens"] == 0
     messages = to_openai_messages(prompt_value.to_messages())
-    reuse_lp = kv.logprobs(messages, str(dense.content), top_logprobs=1)
+    reuse_lp = kv.logprobs(messages, str(dense.content), top_logprobs=1, mode="blend")
     dense_lp = kv.logprobs(messages, str(dense.content), top_logprobs=1, mode="dense")
-    assert reuse_lp["kvfuse"]["cached_tokens"] > 0 and dense_lp["kvfuse"]["mode"] == "dense"
+    assert reuse_lp["kvfuse"]["mode"] == "blend" and reuse_lp["kvfuse"]["reused_tokens"] > 0
+    assert dense_lp["kvfuse"]["mode"] == "dense"
     agreement = top1_agreement(reuse_lp, dense_lp)
-    print(f"RAG chain: reuse {info['cached_tokens']}/{info['prompt_tokens']} tokens, ttft {info['ttft_ms']} ms "
+    print(f"RAG chain: auto {auto['mode']} {first.content!r} == dense; blend reuse "
+          f"{info['cached_tokens']}/{info['prompt_tokens']} tokens, ttft {info['ttft_ms']} ms "
           f"(dense {dense.response_metadata['ttft_ms']} ms), top-1 agreement {agreement:.2f}, "
           f"greedy equal {second.content == dense.content}")  # fmt: skip
     assert agreement >= 0.8
@@ -105,11 +115,13 @@ def test_documents_option_reuses_after_writeback(kvfuse_url: str, kv: KVFuseClie
     llm = ChatKVFuse(base_url=kvfuse_url, max_tokens=4)
     messages = [SystemMessage("Reply briefly."), HumanMessage("Which river flows through Peru?")]
     first = llm.invoke(messages, documents=[DOCS[2], DOCS[1].page_content])
-    assert first.response_metadata["kvfuse"]["cached_tokens"] == 0  # new system prompt and documents
+    info = first.response_metadata["kvfuse"]
+    # new system prompt and documents: no chunk KV (at most the chat template's start, exact, from the hot cache)
+    assert info["chunk_hits"] == 0 and info["cached_tokens"] == info["exact_tokens"], info
     kv.wait_writebacks()
-    second = llm.invoke(messages, documents=[DOCS[1].page_content, DOCS[2]])  # swapped order
+    second = llm.invoke(messages, documents=[DOCS[1].page_content, DOCS[2]], mode="blend")  # swapped order
     info = second.response_metadata["kvfuse"]
-    assert info["chunk_misses"] == 0 and info["cached_tokens"] > 0 and info["mode"] == "blend", info
+    assert info["chunk_misses"] == 0 and info["reused_tokens"] > 0 and info["mode"] == "blend", info
 
 
 def test_streaming_and_async_match_invoke(kvfuse_url: str) -> None:

@@ -4,6 +4,7 @@ nodes and whose KVFuseLLM reuses their KV; complete / stream_complete / chat wit
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 from llama_index.core import SummaryIndex
@@ -22,19 +23,33 @@ TEXTS = [
 ]
 
 
-def test_query_engine_warms_final_nodes_and_reuses(kvfuse_url: str, kv: KVFuseClient) -> None:
-    llm = KVFuseLLM(base_url=kvfuse_url, max_tokens=8)
-    warm = KVFuseWarmingPostprocessor(base_url=kvfuse_url, llm=llm)
+def _query_engine(llm: KVFuseLLM, warm: KVFuseWarmingPostprocessor) -> Any:
     index = SummaryIndex([TextNode(text=t, id_=f"n{i}") for i, t in enumerate(TEXTS)])
-    engine = index.as_query_engine(llm=llm, node_postprocessors=[LongContextReorder(), warm], response_mode="compact")
+    return index.as_query_engine(llm=llm, node_postprocessors=[LongContextReorder(), warm], response_mode="compact")
 
-    response = engine.query("How deep is Lake Baikal?")
+
+def test_query_engine_warms_final_nodes_and_reuses(kvfuse_url: str, kv: KVFuseClient) -> None:
+    llm = KVFuseLLM(base_url=kvfuse_url, max_tokens=8, mode="blend")  # the prompt is too short for auto to blend
+    warm = KVFuseWarmingPostprocessor(base_url=kvfuse_url, llm=llm)
+    response = _query_engine(llm, warm).query("How deep is Lake Baikal?")
     assert warm.warmer.warmed == len(TEXTS) and warm.warmer.failures == 0
     assert len(response.source_nodes) == len(TEXTS) and str(response)
     info = llm.last_reuse
     assert info is not None and info.mode == "blend", info
     assert info.chunk_hits >= len(TEXTS) and info.cached_tokens > 0 and info.reused_tokens > 0
     print(f"LlamaIndex query engine: reuse {info.cached_tokens}/{info.prompt_tokens} tokens, ttft {info.ttft_ms} ms")
+
+    # auto (the default; the documented example) on this short prompt: exact reuse only, dense's answer
+    answers, infos = {}, {}
+    for mode in ("auto", "dense"):
+        other = KVFuseLLM(base_url=kvfuse_url, max_tokens=8, mode=mode)
+        query = _query_engine(other, KVFuseWarmingPostprocessor(base_url=kvfuse_url, llm=other))
+        answers[mode], infos[mode] = str(query.query("How deep is Lake Baikal?")), other.last_reuse
+    auto = infos["auto"]
+    assert auto is not None and auto.mode in ("prefix", "dense") and auto.reused_tokens == auto.recomputed_tokens == 0
+    assert "exact only" in (auto.fallback_reason or ""), auto
+    print(f"LlamaIndex query engine: auto {answers['auto']!r} ({auto.mode}), dense {answers['dense']!r}")
+    assert answers["auto"] == answers["dense"]
 
 
 def test_complete_reuses_registered_chunks_and_matches_dense(kvfuse_url: str, kv: KVFuseClient) -> None:
@@ -69,7 +84,8 @@ def test_chat_cache_point_blocks_are_chunks(kvfuse_url: str, kv: KVFuseClient) -
         ChatMessage(role=MessageRole.USER, blocks=[TextBlock(text=fact), cache, TextBlock(text="Where does it end?")]),
     ]
     first = llm.chat(messages)
-    assert first.additional_kwargs["kvfuse"]["cached_tokens"] == 0 and first.message.content
+    info = first.additional_kwargs["kvfuse"]  # new text: no chunk KV (at most the chat template's start, exact)
+    assert info["chunk_hits"] == 0 and info["cached_tokens"] == info["exact_tokens"] and first.message.content
     kv.wait_writebacks()
     second = llm.chat(messages)
     assert second.additional_kwargs["kvfuse"]["chunk_hits"] >= 1 and second.additional_kwargs["cached_tokens"] > 0

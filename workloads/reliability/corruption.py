@@ -4,7 +4,8 @@ Each round warms the documents, lets a blended chat write its KV back, drops the
 every blob on SSD and in Redis (flipped bytes in one round, truncation in the next; for striped Redis
 blobs alternately the manifest or a payload part). Then the damaged store is read three ways: the chunk API
 (``GET /v1/chunks/{key}``), blended ``/v1/logprobs`` and chat requests, and a sweep over every damaged key.
-Required: every damaged blob is detected (the tiers' ``corrupt`` counters grow by exactly the number of
+The engine's hot prompt cache is cleared with the memory tier, so every chunk hit must come from the damaged
+blobs. Required: every damaged blob is detected (the tiers' ``corrupt`` counters grow by exactly the number of
 damaged blobs), nothing but the original bytes is ever served, and the answers equal the dense answers.
 """
 
@@ -84,6 +85,9 @@ def _round(h: Harness, tally: Tally, how: str, rng: random.Random, ref: dict[str
         ssd, redis = h.tier("ssd"), next((t for t in h.store.tiers if isinstance(t, RedisTier)), None)
         keys = ssd.keys()
         h.clear_memory()
+        # and the hot prompt cache: its (correct) KV of earlier prompts would serve the reads below exactly,
+        # so every chunk hit after the damage would have to come from the damaged store
+        h.engine.hot.clear()
         damaged = damage_ssd(ssd, keys, how, rng)
         if redis is not None:
             rkeys = redis.keys()

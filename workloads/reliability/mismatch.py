@@ -3,7 +3,8 @@
 - Chunk API: a valid blob re-encoded with another fingerprint, as float16 / bfloat16, or with fewer layers
   is refused with 422 and nothing is stored (HEAD stays 404).
 - Store: KV with another fingerprint planted under the keys the engine looks up (as a shared Redis used by
-  another model would) is ignored: the chat hits nothing and answers exactly like dense.
+  another model would) is ignored: with the hot prompt cache cleared, the chat hits nothing and answers
+  exactly like dense.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def run_mismatch(loaded: LoadedModel, root: Path) -> Tally:
             if got is not None:
                 h.store.put(stored_key, KVChunk(got.kv.clone(), got.positions, "another-model-fingerprint"))
                 tally.faults += 1
+        h.engine.hot.clear()  # the prompt was just computed: without this its (own, correct) KV could serve it
         reply = ok_json(tally, c.post("/v1/chat/completions", json=chat_body(DOCS)))
         tally.requests += 3
         tally.check(reply["kvfuse"]["chunk_hits"] == 0, "wrong", f"foreign KV was used: {reply['kvfuse']}")
