@@ -255,7 +255,6 @@ def stats(
     """Show a running service's store tiers and reuse totals (default URL from the settings)."""
     import httpx
     from rich.console import Console
-    from rich.table import Table
 
     if url is None:
         s = _settings(config)
@@ -270,20 +269,36 @@ def stats(
     if json_out:
         typer.echo(json.dumps(data, indent=2))
         return
-    console = Console()
+    render_stats(data, Console())
+
+
+def human_bytes(n: int | float) -> str:
+    """``1610612736`` -> ``"1.5 GiB"`` (binary units; plain bytes below 1 KiB)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_stats(data: dict[str, Any], console: Any) -> None:
+    """The stats tables, sized to the console: cells fold instead of being cut, sizes are human."""
+    from rich.table import Table
+
     scope = f"tenant {data['tenant']}" if data.get("scope") == "tenant" else "service"
     table = Table(title=f"kvfuse store ({data['model']}, {scope})")
     tiers = data["store"]["tiers"]
     cols = [c for c in ("name", "available", "used_bytes", "budget_bytes", "hits", "misses", "evictions", "errors")
             if all(c in t for t in tiers)]  # fmt: skip  # a tenant sees availability only
     for c in cols:
-        table.add_column(c, justify="left" if c == "name" else "right")
+        table.add_column(c.removesuffix("_bytes"), justify="left" if c == "name" else "right", overflow="fold")
     for tier in tiers:
-        table.add_row(*(str(tier[c]) for c in cols))
+        table.add_row(*(human_bytes(tier[c]) if c.endswith("_bytes") else str(tier[c]) for c in cols))
     console.print(table)
     reuse = Table(title="reuse totals")
-    reuse.add_column("metric")
-    reuse.add_column("value", justify="right")
+    reuse.add_column("metric", overflow="fold")
+    reuse.add_column("value", justify="right", overflow="fold")
     for k, v in data["reuse"].items():
         reuse.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
     console.print(reuse)

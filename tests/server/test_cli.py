@@ -9,7 +9,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from server.cli import app, read_documents
+from server.cli import app, human_bytes, read_documents, render_stats
 from tests.server.conftest import Service
 
 runner = CliRunner()
@@ -115,3 +115,23 @@ def test_calibrate_persists_the_curve_for_later_instances(tmp_path: Path) -> Non
     finally:
         engine.store.close()
     assert runner.invoke(app, ["calibrate", "--ratios", "a,b"], env=env).exit_code == 2
+
+
+def test_stats_tables_use_human_sizes_and_fold_to_the_terminal() -> None:
+    from rich.console import Console
+
+    assert human_bytes(512) == "512 B" and human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(1610612736) == "1.5 GiB"
+    tier = {"name": "redis-cluster-tier", "available": True, "used_bytes": 1610612736,
+            "budget_bytes": 4 << 30, "hits": 123456789, "misses": 7, "evictions": 0, "errors": 0}  # fmt: skip
+    data = {"model": "smollm2", "scope": "service", "store": {"tiers": [tier]},
+            "reuse": {"requests_with_a_very_long_metric_name": 3, "reused_share": 0.5}}  # fmt: skip
+    wide = Console(width=120, record=True, color_system=None)
+    render_stats(data, wide)
+    text = wide.export_text()
+    assert "1.5 GiB" in text and "4.0 GiB" in text and "1610612736" not in text
+    narrow = Console(width=50, record=True, color_system=None)
+    render_stats(data, narrow)
+    text = narrow.export_text()
+    assert all(len(line) <= 50 for line in text.splitlines())
+    assert "…" not in text  # folded, never truncated
