@@ -1,10 +1,18 @@
-"""Store tier benchmark: put/get throughput and latency per tier, against the raw medium in the same run.
+"""Store tier benchmark: put/get throughput and latency per tier, against the raw medium and (optionally)
+LMCache, all measured side by side in the same run.
 
-For each blob size and tier it measures the tier's ``put``/``get`` and, interleaved with it, the plain
-medium moving the same bytes: a tensor ``clone`` (CPU), a file write (+fsync, same policy) / read (SSD),
-plain redis-py ``SET``/``GET`` (Redis). LMCache 0.5.6's published numbers are shown as a peer column.
+For each blob size and tier, every iteration runs the tier's ``put``/``get``, then the plain medium moving
+the same bytes (``memcpy`` into / out of warm memory for CPU; a file write / read with the same fsync
+policy for SSD; plain redis-py ``SET``/``GET`` for Redis), then, with ``--peer lmcache`` where LMCache is
+importable, LMCache's matching backend through its own ``StorageManager`` (see
+:mod:`workloads.bench_store_lmcache`), on the same blobs, directory and redis-server. Ratios:
+``ratio_vs_raw`` (tier / raw medium) and ``ratio_vs_lmcache`` (tier / LMCache). Without LMCache there is
+no peer column: no number is shown that was not measured in this run.
 
-    python -m workloads.bench_store [--quick] [--json out.json] [--redis-url redis://...] [--ssd-dir DIR]
+For SSD and Redis it also prefetches the stored blobs into a CPU tier above (``TieredStore.prefetch``)
+and reports the CPU-tier get that follows.
+
+    python -m workloads.bench_store [--quick] [--peer lmcache] [--json out.json] [--redis-url URL] [--ssd-dir DIR]
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-import redis
 import torch
 
-from kvstore import KeySpace, KVChunk, MemoryTier, RedisTier, SSDTier, Tier
+from kvstore import KeySpace, KVChunk, MemoryTier, RedisTier, SSDTier, Tier, TieredStore
 from kvstore.codec import encode
 from kvstore.redis_local import LocalRedis, redis_server_binary
 from kvstore.tiers.ssd import FsyncPolicy
+from workloads import bench_store_lmcache as peer_mod
+from workloads.bench_store_raw import RawMedium, drop_page_cache
 
 
 @dataclass(frozen=True)
@@ -53,25 +62,11 @@ SIZES: dict[str, BlobShape] = {
     "tiny-fp32": BlobShape(2, 2, 64, 64, torch.float32),  # 64 KiB (--quick)
     "small-bf16": BlobShape(4, 4, 128, 128, torch.bfloat16),  # 1 MiB (--quick)
 }
-DEFAULT_SIZES = ("smollm2-135m-bf16", "smollm2-135m-fp32", "llama3-8b-bf16")
+DEFAULT_SIZES = ("smollm2-135m-bf16", "llama3-8b-bf16")
 QUICK_SIZES = ("tiny-fp32", "small-bf16")
 TIERS = ("cpu", "ssd", "redis")
+PEERS = ("none", "lmcache")
 FLOOR = 0.8  # tier throughput must be >= FLOOR x raw medium
-
-# LMCache 0.5.6 reference (GB/s put, get) per blob size: 5.9 MB and 33.6 MB chunks.
-LMCACHE_REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
-    "cpu": {"5.9MB": (21.7, 27.7), "33.6MB": (12.2, 12.9)},  # LocalCPU
-    "ssd": {"5.9MB": (3.2, 7.4), "33.6MB": (3.2, 5.4)},  # LocalDisk
-    "redis": {"5.9MB": (2.3, 2.2), "33.6MB": (1.2, 1.1)},  # native RESP client
-    "redis-py": {"5.9MB": (1.16, 0.61), "33.6MB": (0.62, 0.34)},  # its redis-py connector
-}
-
-
-def _lmcache_size(nbytes: int) -> str | None:
-    for label, ref in (("5.9MB", 5.9e6), ("33.6MB", 33.6e6)):
-        if abs(nbytes - ref) / ref < 0.03:
-            return label
-    return None
 
 
 def make_chunk(shape: BlobShape, seed: int = 0) -> KVChunk:
@@ -89,63 +84,10 @@ def _summary(seconds: list[float], nbytes: int) -> dict[str, float]:
     }
 
 
-def drop_page_cache(path: str) -> None:
-    """Evict a file's (clean) pages from the page cache so the next read hits the device."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _timed(fn: Callable[..., object], *args: Any) -> float:
     start = time.perf_counter()
     fn(*args)
     return time.perf_counter() - start
-
-
-class _RawMedium:
-    """The plain medium, moving the same bytes as the tier."""
-
-    def __init__(self, kind: str, *, ssd_dir: str, fsync: str, redis_url: str | None) -> None:
-        self.kind, self.ssd_dir, self.fsync = kind, ssd_dir, fsync
-        self.client = redis.Redis.from_url(redis_url) if redis_url else None
-        self._held: dict[int, object] = {}
-
-    def put(self, i: int, chunk: KVChunk, blob: bytes) -> None:
-        if self.kind == "cpu":
-            self._held[i] = chunk.kv.clone()
-        elif self.kind == "ssd":
-            with open(self.path(i), "wb") as f:
-                f.write(blob)
-                if self.fsync == "always":
-                    os.fsync(f.fileno())
-        else:
-            assert self.client is not None
-            self.client.set(f"bench-raw:{i}", blob)
-
-    def path(self, i: int) -> str:
-        return os.path.join(self.ssd_dir, f"raw-{i}.bin")
-
-    def get(self, i: int) -> object:
-        if self.kind == "cpu":
-            held = self._held[i]
-            assert isinstance(held, torch.Tensor)
-            return held.clone()
-        if self.kind == "ssd":
-            with open(self.path(i), "rb") as f:
-                return f.read()
-        assert self.client is not None
-        return self.client.get(f"bench-raw:{i}")
-
-    def close(self) -> None:
-        self._held.clear()
-        if self.client is not None:
-            keys = list(self.client.scan_iter(match="bench-raw:*"))
-            if keys:
-                self.client.delete(*keys)
-            self.client.close()
 
 
 def _make_tier(
@@ -153,69 +95,118 @@ def _make_tier(
 ) -> Tier:
     budget = (iterations + 4) * (nbytes + (1 << 20))
     if kind == "cpu":
-        return MemoryTier(budget)
+        return MemoryTier(budget, prefault=True)  # a pre-allocated pool, faulted in before timing
     if kind == "ssd":
         return SSDTier(os.path.join(ssd_dir, "tier"), budget, fsync=cast(FsyncPolicy, fsync))
     assert redis_url is not None
     return RedisTier(redis_url, budget, namespace=f"bench-{uuid.uuid4().hex[:8]}")
 
 
-def bench_one(
-    kind: str, size: str, shape: BlobShape, iterations: int, warmup: int, cold: bool, **where: Any
-) -> dict[str, Any]:
-    """Interleaved tier vs raw-medium timings for one tier and blob size.
+def _make_peer(kind: str, shape: BlobShape, count: int, peer: str, **where: Any) -> peer_mod.LMCachePeer | None:
+    if peer != "lmcache":
+        return None
+    pshape = peer_mod.PeerShape(shape.layers, shape.kv_heads, shape.tokens, shape.head_dim, shape.dtype)
+    variant = peer_mod.BACKENDS[kind][0]
+    peer_dir = os.path.join(where["ssd_dir"], "lmcache")
+    os.makedirs(peer_dir, exist_ok=True)
+    return peer_mod.LMCachePeer(kind, variant, pshape, count=count, ssd_dir=peer_dir, redis_url=where["redis_url"])
 
-    ``cold``: SSD reads (tier and raw alike) start with the file evicted from the page cache.
+
+def _prefetch(tier: Tier, keys: list[Any], nbytes: int, budget: int) -> dict[str, Any]:
+    """Prefetch ``keys`` from ``tier`` into a CPU tier above it, then time the CPU-tier gets."""
+    store = TieredStore([MemoryTier(budget, prefault=True), tier])
+    t_prefetch = [_timed(lambda k=k: store.prefetch([k]).result()) for k in keys]
+    t_get = [_timed(store.get, k) for k in keys]
+    got = store.get(keys[-1])
+    if got is None or store.tiers[0].get(keys[-1]) is None:
+        raise RuntimeError("prefetch did not promote into the CPU tier")
+    return {"prefetch": _summary(t_prefetch, nbytes), "cpu_get": _summary(t_get, nbytes), "_store": store}
+
+
+def _ratio(a: dict[str, float], b: dict[str, float]) -> float:
+    return a["gbps"] / b["gbps"]
+
+
+def bench_one(
+    kind: str, size: str, shape: BlobShape, iterations: int, warmup: int, cold: bool, peer: str = "none",
+    **where: Any,
+) -> dict[str, Any]:
+    """Interleaved tier / raw medium / peer timings for one tier and blob size.
+
+    ``cold``: SSD reads (tier, raw and peer alike) start with the file evicted from the page cache.
     """
     chunk = make_chunk(shape)
     blob = encode(chunk)
-    keys = [KeySpace("bench", size).chunk_key([i]) for i in range(iterations + warmup)]
-    tier = _make_tier(kind, len(blob), iterations + warmup, **where)
-    raw = _RawMedium(kind, **where)
-    times: dict[str, list[float]] = {"put": [], "get": [], "raw_put": [], "raw_get": []}
+    n = iterations + warmup
+    keys = [KeySpace("bench", size).chunk_key([i]) for i in range(n)]
+    tier = _make_tier(kind, len(blob), n, **where)
+    raw = RawMedium(kind, len(blob), **where)
+    lmc = _make_peer(kind, shape, n, peer, **where)
+    src = chunk.kv.contiguous()
+    out = torch.empty_like(src)
+    names = ("put", "get", "raw_put", "raw_get", "peer_put", "peer_get")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    store: TieredStore | None = None
+    prefetch: dict[str, Any] | None = None
     try:
+        for i in range(n):
+            raw.prepare(i, len(blob))
         for i, key in enumerate(keys):
-            t_put = _timed(tier.put, key, chunk)
-            t_raw_put = _timed(raw.put, i, chunk, blob)
+            row = [_timed(tier.put, key, chunk), _timed(raw.put, i, blob)]
+            if lmc is not None:
+                row.append(_timed(lmc.put, i, src))
             if i >= warmup:
-                times["put"].append(t_put)
-                times["raw_put"].append(t_raw_put)
+                for name, t in zip(("put", "raw_put", "peer_put"), row, strict=False):
+                    times[name].append(t)
         for i, key in enumerate(keys):
             if cold and isinstance(tier, SSDTier):
                 drop_page_cache(tier.path_of(key))
                 drop_page_cache(raw.path(i))
-            t_get = _timed(tier.get, key)
-            t_raw_get = _timed(raw.get, i)
+                if lmc is not None:
+                    drop_page_cache(lmc.backend._key_to_path(lmc.key(i)))
+            row = [_timed(tier.get, key), _timed(raw.get, i)]
+            if lmc is not None:
+                row.append(_timed(lmc.get, i, out))
             if i >= warmup:
-                times["get"].append(t_get)
-                times["raw_get"].append(t_raw_get)
+                for name, t in zip(("get", "raw_get", "peer_get"), row, strict=False):
+                    times[name].append(t)
         got = tier.get(keys[-1])
         if got is None or not torch.equal(got.kv, chunk.kv):
             raise RuntimeError(f"{kind} tier returned wrong data in the benchmark")
+        if lmc is not None and not torch.equal(out, src):
+            raise RuntimeError(f"LMCache {lmc.location} returned wrong data in the benchmark")
+        if kind != "cpu":
+            prefetch = _prefetch(tier, keys[warmup:], len(blob), (n + 4) * (len(blob) + (1 << 20)))
+            store = prefetch.pop("_store")
     finally:
         for key in keys:
             tier.delete(key)
-        tier.close()
+        (store or tier).close()
         raw.close()
+        if lmc is not None:
+            lmc.close()
     nbytes = len(blob)
-    tier_put, tier_get = _summary(times["put"], nbytes), _summary(times["get"], nbytes)
-    raw_put, raw_get = _summary(times["raw_put"], nbytes), _summary(times["raw_get"], nbytes)
-    label = _lmcache_size(nbytes)
-    ref = LMCACHE_REFERENCE[kind].get(label) if label else None
-    ratio_put, ratio_get = tier_put["gbps"] / raw_put["gbps"], tier_get["gbps"] / raw_get["gbps"]
-    return {
+    s = {name: _summary(t, nbytes) for name, t in times.items() if t}
+    vs_raw = {"put": _ratio(s["put"], s["raw_put"]), "get": _ratio(s["get"], s["raw_get"])}
+    result: dict[str, Any] = {
         "size": size,
         "bytes": nbytes,
         "tier": kind,
-        "put": tier_put,
-        "get": tier_get,
-        "raw": {"put": raw_put, "get": raw_get},
-        "ratio_put": ratio_put,
-        "ratio_get": ratio_get,
+        "put": s["put"],
+        "get": s["get"],
+        "zero_copy_get": kind == "cpu",
+        "raw": {"put": s["raw_put"], "get": s["raw_get"]},
+        "ratio_vs_raw": vs_raw,
         "floor": FLOOR,
-        "floor_ok": bool(ratio_put >= FLOOR and ratio_get >= FLOOR),
-        "lmcache": None if ref is None else {"put_gbps": ref[0], "get_gbps": ref[1]},
+        "floor_ok": bool(vs_raw["put"] >= FLOOR and vs_raw["get"] >= FLOOR),
+        "prefetch": prefetch,
+        "lmcache": None,
+        "ratio_vs_lmcache": None,
     }
+    if lmc is not None:
+        result["lmcache"] = {"backend": lmc.location, "put": s["peer_put"], "get": s["peer_get"]}
+        result["ratio_vs_lmcache"] = {"put": _ratio(s["put"], s["peer_put"]), "get": _ratio(s["get"], s["peer_get"])}
+    return result
 
 
 def run(
@@ -228,12 +219,20 @@ def run(
     ssd_dir: str | None = None,
     fsync: str = "always",
     ssd_cache: str = "cold",
+    peer: str = "none",
 ) -> dict[str, Any]:
     """Benchmark ``tiers`` on blobs of ``sizes``; starts a local redis-server when none is given."""
     unknown = [s for s in sizes if s not in SIZES] + [t for t in tiers if t not in TIERS]
-    if unknown:
-        raise ValueError(f"unknown sizes/tiers: {unknown}; sizes: {sorted(SIZES)}, tiers: {TIERS}")
+    if unknown or peer not in PEERS:
+        raise ValueError(f"unknown sizes/tiers/peer: {unknown or peer}; sizes: {sorted(SIZES)}, tiers: {TIERS}")
     notes: list[str] = []
+    peer_version: str | None = None
+    if peer == "lmcache":
+        if peer_mod.available():
+            peer_version = f"lmcache {peer_mod.version()}"
+        else:
+            notes.append("no peer column: LMCache is not importable (scripts/test-lmcache.sh builds a venv with it)")
+            peer = "none"
     results: list[dict[str, Any]] = []
     with ExitStack() as stack:
         if "redis" in tiers and redis_url is None:
@@ -253,7 +252,9 @@ def run(
         for size in sizes:
             for kind in tiers:
                 cold = ssd_cache == "cold"
-                results.append(bench_one(kind, size, SIZES[size], iterations, warmup, cold, **where))
+                results.append(bench_one(kind, size, SIZES[size], iterations, warmup, cold, peer, **where))
+    if peer_version and fsync == "always":
+        notes.append("LMCache never fsyncs: compare SSD with --fsync never for the same durability")
     return {
         "meta": {
             "iterations": iterations,
@@ -261,12 +262,12 @@ def run(
             "fsync": fsync,
             "ssd_cache": ssd_cache,
             "ssd_dir": ssd_dir or "(temp dir)",
+            "peer": peer_version,
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "notes": notes,
         },
-        "lmcache_reference": {k: {s: list(v) for s, v in d.items()} for k, d in LMCACHE_REFERENCE.items()},
         "results": results,
     }
 
@@ -276,47 +277,50 @@ def render(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="kvfuse store tiers vs raw medium (GB/s; latency ms p50/p99)")
-    for col in (
-        "size",
-        "tier",
-        "put",
-        "raw put",
-        "×raw",
-        "get",
-        "raw get",
-        "×raw",
-        "put ms",
-        "get ms",
-        "LMCache",
-    ):
+    peer = report["meta"]["peer"]
+    title = "kvfuse store tiers vs raw medium" + (f" and {peer}" if peer else "") + " (GB/s; ms p50/p99)"
+    table = Table(title=title)
+    cols = ["size", "tier", "put", "raw put", "×raw", "get", "raw get", "×raw"]
+    if peer:
+        cols += ["LMCache put", "×LMC", "LMCache get", "×LMC"]
+    cols += ["prefetch → cpu get", "put ms", "get ms"]
+    for col in cols:
         table.add_column(col, justify="right" if col not in ("size", "tier") else "left")
 
-    def ok(x: float) -> str:
-        return f"[green]{x:.2f}[/]" if x >= FLOOR else f"[red]{x:.2f}[/]"
+    def ok(x: float, floor: float) -> str:
+        return f"[green]{x:.2f}[/]" if x >= floor else f"[red]{x:.2f}[/]"
 
     for r in report["results"]:
-        lm = r["lmcache"]
-        table.add_row(
+        zc = " (view)" if r["zero_copy_get"] else ""
+        row = [
             f"{r['size']} ({r['bytes'] / 1e6:.1f} MB)",
             r["tier"],
             f"{r['put']['gbps']:.2f}",
             f"{r['raw']['put']['gbps']:.2f}",
-            ok(r["ratio_put"]),
-            f"{r['get']['gbps']:.2f}",
+            ok(r["ratio_vs_raw"]["put"], FLOOR),
+            f"{r['get']['gbps']:.2f}{zc}",
             f"{r['raw']['get']['gbps']:.2f}",
-            ok(r["ratio_get"]),
+            ok(r["ratio_vs_raw"]["get"], FLOOR),
+        ]
+        if peer:
+            lm, ratio = r["lmcache"], r["ratio_vs_lmcache"]
+            row += [f"{lm['put']['gbps']:.2f}", ok(ratio["put"], 1.0)]
+            row += [f"{lm['get']['gbps']:.2f}", ok(ratio["get"], 1.0)]
+        pf = r["prefetch"]
+        row.append("-" if pf is None else f"{pf['prefetch']['gbps']:.2f} → {pf['cpu_get']['gbps']:.0f}")
+        row += [
             f"{r['put']['p50_ms']:.1f}/{r['put']['p99_ms']:.1f}",
             f"{r['get']['p50_ms']:.1f}/{r['get']['p99_ms']:.1f}",
-            "-" if lm is None else f"{lm['put_gbps']}/{lm['get_gbps']}",
-        )
-    console = Console(width=max(150, shutil.get_terminal_size().columns))
+        ]
+        table.add_row(*row)
+    console = Console(width=max(170, shutil.get_terminal_size().columns))
     console.print(table)
     console.print(
-        "CPU tier get is zero-copy (returns the stored tensors); raw CPU = tensor clone. "
-        "LMCache column: LocalCPU / LocalDisk / native RESP client (its redis-py connector: "
-        "1.16/0.61 | 0.62/0.34)."
+        "CPU tier get is zero-copy (returns views of its arena); raw CPU = memcpy into/out of warm memory. "
+        "Prefetch: the blob promoted from SSD/Redis into a CPU tier, then that CPU-tier get."
     )
+    if peer:
+        console.print("LMCache: LocalCPU / LocalDisk / native RESP via its StorageManager, copy in and out included.")
     for note in report["meta"]["notes"]:
         console.print(f"note: {note}")
 
@@ -336,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         default="cold",
         help="cold: SSD reads start with the file dropped from the page cache (reads hit the device)",
     )
+    parser.add_argument("--peer", choices=PEERS, default="none", help="also measure LMCache's backends (if importable)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny blobs, 3 iterations (smoke test)")
     args = parser.parse_args(argv)
@@ -350,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         ssd_dir=args.ssd_dir,
         fsync=args.fsync,
         ssd_cache=args.ssd_cache,
+        peer=args.peer,
     )
     render(report)
     if args.json:

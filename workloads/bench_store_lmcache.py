@@ -1,0 +1,168 @@
+"""LMCache as the peer of ``kvfuse bench store``: its backends measured in the same run, on the same blobs.
+
+Each backend runs through LMCache's own ``StorageManager``, end to end: a put allocates a memory object from
+LMCache's CPU pool, copies the blob's bytes into it (copy in) and calls ``batched_put``, then waits until the
+backend holds the key (LocalDisk and remote writes are asynchronous in LMCache: the wait is part of the
+put); a get calls ``batched_get`` on that backend only and copies the result out into a tensor (copy out).
+
+- ``cpu``: ``LocalCPUBackend`` (its pre-allocated pool; the get's copy out is counted, kvfuse's get is a
+  zero-copy view, so that pair is not compared).
+- ``ssd``: ``LocalDiskBackend`` (``local_cpu=False``: the CPU pool only stages), same directory and the
+  same durability as kvfuse's ``--fsync never`` (LMCache does not fsync).
+- ``redis``: LMCache's native RESP client (``resp://``) and its redis-py connector (``redis://``), on the
+  same redis-server as kvfuse.
+
+Only importable where LMCache is installed (``scripts/test-lmcache.sh`` builds such a venv):
+:func:`available` says whether it is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+BACKENDS: dict[str, tuple[str, ...]] = {
+    "cpu": ("LocalCPUBackend",),
+    "ssd": ("LocalDiskBackend",),
+    "redis": ("resp", "redis-py"),
+}
+_WAIT_S = 60.0
+
+
+def available() -> bool:
+    """Whether LMCache (with its compiled parts) can be imported here."""
+    if importlib.util.find_spec("lmcache") is None:
+        return False
+    try:
+        import lmcache.v1.storage_backend.storage_manager  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def version() -> str:
+    from importlib.metadata import version as v
+
+    return v("lmcache")
+
+
+@dataclass(frozen=True)
+class PeerShape:
+    """The blob as LMCache sees it: ``[2, layers, tokens, heads * head_dim]`` of ``dtype`` (KV_2LTD)."""
+
+    layers: int
+    kv_heads: int
+    tokens: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def lmcache_shape(self) -> torch.Size:
+        return torch.Size([2, self.layers, self.tokens, self.kv_heads * self.head_dim])
+
+
+def config_for(kind: str, variant: str, *, nbytes: int, count: int, ssd_dir: str, redis_url: str | None) -> Any:
+    """The ``LMCacheEngineConfig`` of one backend, sized for ``count`` blobs of ``nbytes``."""
+    from lmcache.v1.config import LMCacheEngineConfig
+
+    pool_gb = max(0.05, (2 * count + 8) * nbytes / 1e9 * 1.2)  # puts and gets may both hold objects
+    common: dict[str, Any] = {"chunk_size": 256, "save_unfull_chunk": False, "max_local_cpu_size": pool_gb}
+    if kind == "cpu":
+        return LMCacheEngineConfig.from_defaults(local_cpu=True, **common)
+    if kind == "ssd":
+        return LMCacheEngineConfig.from_defaults(
+            local_cpu=False, local_disk=f"file://{ssd_dir}/", max_local_disk_size=pool_gb * 2, **common
+        )
+    assert redis_url is not None
+    where = urlparse(redis_url)
+    scheme = "resp" if variant == "resp" else "redis"
+    return LMCacheEngineConfig.from_defaults(
+        local_cpu=False, remote_url=f"{scheme}://{where.hostname}:{where.port}", remote_serde="naive", **common
+    )
+
+
+class LMCachePeer:
+    """One LMCache ``StorageManager`` with one backend under test."""
+
+    def __init__(
+        self, kind: str, variant: str, shape: PeerShape, *, count: int, ssd_dir: str, redis_url: str | None
+    ) -> None:
+        from lmcache.utils import CacheEngineKey
+        from lmcache.v1.event_manager import EventManager
+        from lmcache.v1.metadata import LMCacheMetadata
+        from lmcache.v1.storage_backend.storage_manager import StorageManager
+
+        os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
+        self.kind, self.variant, self.shape = kind, variant, shape
+        self._key_cls = CacheEngineKey
+        nbytes = shape.lmcache_shape.numel() * shape.dtype.itemsize
+        self.nbytes = nbytes
+        cfg = config_for(kind, variant, nbytes=nbytes, count=count, ssd_dir=ssd_dir, redis_url=redis_url)
+        kv_shape = (shape.layers, 2, 256, shape.kv_heads, shape.head_dim)
+        meta = LMCacheMetadata(
+            model_name="kvfuse/bench",
+            world_size=1,
+            local_world_size=1,
+            worker_id=0,
+            local_worker_id=0,
+            kv_dtype=shape.dtype,
+            kv_shape=kv_shape,
+            use_mla=False,
+            chunk_size=256,
+        )
+        self.manager = StorageManager(cfg, meta, EventManager())
+        names = [n for n in self.manager.storage_backends if n != "LocalCPUBackend" or kind == "cpu"]
+        if len(names) != 1:
+            raise RuntimeError(f"LMCache built backends {list(self.manager.storage_backends)} for {kind}")
+        self.location = names[0]
+        self.backend = self.manager.storage_backends[self.location]
+        if kind == "redis":  # the remote backend connects in the background: not part of any put
+            self._wait(lambda: getattr(self.backend, "connection", None) is not None)
+
+    def key(self, i: int) -> Any:
+        return self._key_cls("kvfuse/bench", 1, 0, 0x5EED0000 + i, self.shape.dtype)
+
+    def put(self, i: int, src: torch.Tensor) -> None:
+        """Copy in, ``batched_put``, and wait until the backend holds the key."""
+        obj = self.manager.allocate(self.shape.lmcache_shape, self.shape.dtype)
+        if obj is None:
+            raise RuntimeError("LMCache's CPU pool is full")
+        assert obj.tensor is not None
+        obj.tensor.view(torch.uint8).view(-1).copy_(src.view(torch.uint8).view(-1))
+        key = self.key(i)
+        self.manager.batched_put([key], [obj])
+        self._wait(lambda: self._holds(key))
+
+    def _holds(self, key: Any) -> bool:
+        if self.kind == "ssd" and self.backend.exists_in_put_tasks(key):
+            return False
+        return bool(self.backend.contains(key))
+
+    def get(self, i: int, out: torch.Tensor) -> None:
+        """``batched_get`` from the backend under test, then copy out into ``out``."""
+        objs = self.manager.batched_get([self.key(i)], location=self.location)
+        obj = objs[0] if objs else None
+        if obj is None or obj.tensor is None:
+            raise RuntimeError(f"LMCache {self.location} lost a blob it stored")
+        out.view(torch.uint8).view(-1).copy_(obj.tensor.view(torch.uint8).view(-1))
+        obj.ref_count_down()
+
+    @staticmethod
+    def _wait(done: Callable[[], bool]) -> None:
+        deadline = time.perf_counter() + _WAIT_S
+        while not done():
+            if time.perf_counter() > deadline:
+                raise TimeoutError("LMCache did not finish a put")
+            time.sleep(0.0002)
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.manager.close()
