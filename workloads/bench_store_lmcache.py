@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -35,6 +36,7 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "redis": ("resp", "redis-py"),
 }
 _WAIT_S = 60.0
+_CLOSE_S = 5.0
 
 
 def available() -> bool:
@@ -142,7 +144,8 @@ class LMCachePeer:
         self._wait(lambda: self._holds(key))
 
     def _holds(self, key: Any) -> bool:
-        if self.kind == "ssd" and self.backend.exists_in_put_tasks(key):
+        in_flight = getattr(self.backend, "exists_in_put_tasks", None)  # LocalDisk, Remote: async writes
+        if in_flight is not None and in_flight(key):
             return False
         return bool(self.backend.contains(key))
 
@@ -164,5 +167,11 @@ class LMCachePeer:
             time.sleep(0.0002)
 
     def close(self) -> None:
-        with suppress(Exception):
-            self.manager.close()
+        def close() -> None:
+            with suppress(Exception):
+                self.manager.close()
+
+        # LMCache 0.5.6's native RESP client can block in close (seen here): never let it hang the bench
+        closer = threading.Thread(target=close, daemon=True, name="lmcache-close")
+        closer.start()
+        closer.join(_CLOSE_S)

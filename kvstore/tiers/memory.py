@@ -31,9 +31,15 @@ def _arena_nbytes(chunk: KVChunk) -> tuple[int, int]:
     return pos_off, pos_off + chunk.num_tokens * 8
 
 
+_PARALLEL_COPY_BYTES = 1 << 20
+
+
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[...] = src``: one ``memcpy`` (GIL released) for contiguous host tensors, else torch's copy."""
-    if src.device.type == "cpu" and src.is_contiguous() and src.numel():
+    """``dst[...] = src``. Small contiguous host tensors: one ``memcpy`` (GIL released, no thread team to
+    wake); large ones and everything else: torch's copy, parallel over the intra-op threads (measured 15-18
+    vs 10-11 GB/s for a 34 MB blob on 2 cores)."""
+    small = src.numel() * src.element_size() < _PARALLEL_COPY_BYTES
+    if small and src.device.type == "cpu" and src.is_contiguous() and src.numel():
         d = dst.reshape(-1).view(torch.uint8).numpy()
         np.copyto(d, src.reshape(-1).view(torch.uint8).numpy())
     elif src.numel():
