@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -105,6 +106,8 @@ class LMCachePeer:
         os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
         self.kind, self.variant, self.shape = kind, variant, shape
         self._key_cls = CacheEngineKey
+        # fresh keys per instance: a key left by an earlier run on the same server would look stored at once
+        self._base = random.getrandbits(48) << 8
         nbytes = shape.lmcache_shape.numel() * shape.dtype.itemsize
         self.nbytes = nbytes
         cfg = config_for(kind, variant, nbytes=nbytes, count=count, ssd_dir=ssd_dir, redis_url=redis_url)
@@ -130,7 +133,7 @@ class LMCachePeer:
             self._wait(lambda: getattr(self.backend, "connection", None) is not None)
 
     def key(self, i: int) -> Any:
-        return self._key_cls("kvfuse/bench", 1, 0, 0x5EED0000 + i, self.shape.dtype)
+        return self._key_cls("kvfuse/bench", 1, 0, self._base + i, self.shape.dtype)
 
     def put(self, i: int, src: torch.Tensor) -> None:
         """Copy in, ``batched_put``, and wait until the backend holds the key."""
