@@ -5,6 +5,7 @@
 # then kvfuse (editable) with its own dependencies resolved against LMCache's. LMCache picks its CPU stub
 # device when no GPU is present. Runs tests/connectors/test_lmcache_storage.py and test_lmcache_real.py
 # (LMCache's loader, RemoteBackend and two LMCacheEngines on kvfuse; needs redis-server on PATH).
+# Also runs the store bench with --peer lmcache (LMCache's backends measured next to kvfuse's tiers).
 #   LMCACHE_VERSION=0.5.6   the LMCache release to install (default below)
 #   LMCACHE_VENV=/path      where the venv lives (reused when present)
 set -euo pipefail
@@ -23,4 +24,4 @@ $PIP -e . pytest pytest-timeout hypothesis
 export LMCACHE_TRACK_USAGE=false DO_NOT_TRACK=1  # LMCache's anonymous usage telemetry: off
 "$VENV/bin/python" -c "import lmcache, torch; print('lmcache', lmcache.__version__, 'torch', torch.__version__)"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rs \
-    tests/connectors/test_lmcache_storage.py tests/connectors/test_lmcache_real.py "$@"
+    tests/connectors/test_lmcache_storage.py tests/connectors/test_lmcache_real.py tests/workloads/test_bench_store.py "$@"

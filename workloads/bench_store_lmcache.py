@@ -170,11 +170,25 @@ class LMCachePeer:
             time.sleep(0.0002)
 
     def close(self) -> None:
+        self._avoid_close_deadlock()
+
         def close() -> None:
             with suppress(Exception):
                 self.manager.close()
 
-        # LMCache 0.5.6's native RESP client can block in close (seen here): never let it hang the bench
+        # a last guard: whatever else blocks in LMCache's close must not hang the bench
         closer = threading.Thread(target=close, daemon=True, name="lmcache-close")
         closer.start()
         closer.join(_CLOSE_S)
+
+    def _avoid_close_deadlock(self) -> None:
+        """LMCache 0.5.6's RESP connector closes on its event loop with ``await pq_executor.shutdown()``, the
+        *blocking* shutdown, which waits for a coroutine on that same loop: a deadlock, and its loop thread
+        is not a daemon, so the process never exits. Point this instance at the awaitable shutdown."""
+        remote = self.manager.storage_backends.get("RemoteBackend")
+        connector = getattr(remote, "connection", None)
+        unwrap = getattr(connector, "getWrappedConnector", None)
+        connector = unwrap() if unwrap is not None else connector
+        executor = getattr(connector, "pq_executor", None)
+        if executor is not None and hasattr(executor, "shutdown_async"):
+            executor.shutdown = executor.shutdown_async
