@@ -72,12 +72,14 @@ class PeerShape:
         return torch.Size([2, self.layers, self.tokens, self.kv_heads * self.head_dim])
 
 
-def config_for(kind: str, variant: str, *, nbytes: int, count: int, ssd_dir: str, redis_url: str | None) -> Any:
-    """The ``LMCacheEngineConfig`` of one backend, sized for ``count`` blobs of ``nbytes``."""
+def config_for(
+    kind: str, variant: str, *, nbytes: int, count: int, ssd_dir: str, redis_url: str | None, tokens: int = 256
+) -> Any:
+    """The ``LMCacheEngineConfig`` of one backend, sized for ``count`` blobs of ``nbytes`` (chunks of ``tokens``)."""
     from lmcache.v1.config import LMCacheEngineConfig
 
     pool_gb = max(0.05, (2 * count + 8) * nbytes / 1e9 * 1.2)  # puts and gets may both hold objects
-    common: dict[str, Any] = {"chunk_size": 256, "save_unfull_chunk": False, "max_local_cpu_size": pool_gb}
+    common: dict[str, Any] = {"chunk_size": tokens, "save_unfull_chunk": False, "max_local_cpu_size": pool_gb}
     if kind == "cpu":
         return LMCacheEngineConfig.from_defaults(local_cpu=True, **common)
     if kind == "ssd":
@@ -110,8 +112,11 @@ class LMCachePeer:
         self._base = random.getrandbits(48) << 8
         nbytes = shape.lmcache_shape.numel() * shape.dtype.itemsize
         self.nbytes = nbytes
-        cfg = config_for(kind, variant, nbytes=nbytes, count=count, ssd_dir=ssd_dir, redis_url=redis_url)
-        kv_shape = (shape.layers, 2, 256, shape.kv_heads, shape.head_dim)
+        cfg = config_for(
+            kind, variant, nbytes=nbytes, count=count, ssd_dir=ssd_dir, redis_url=redis_url, tokens=shape.tokens
+        )
+        # LMCache sizes what a get allocates from its chunk size: one chunk is one blob of ``shape.tokens``
+        kv_shape = (shape.layers, 2, shape.tokens, shape.kv_heads, shape.head_dim)
         meta = LMCacheMetadata(
             model_name="kvfuse/bench",
             world_size=1,
@@ -121,7 +126,7 @@ class LMCachePeer:
             kv_dtype=shape.dtype,
             kv_shape=kv_shape,
             use_mla=False,
-            chunk_size=256,
+            chunk_size=shape.tokens,
         )
         self.manager = StorageManager(cfg, meta, EventManager())
         names = [n for n in self.manager.storage_backends if n != "LocalCPUBackend" or kind == "cpu"]

@@ -139,7 +139,7 @@ def test_remote_backend_puts_and_gets_through_kvfuse(
 
         # An object kvfuse cannot store is a failed put that LMCache logs and counts, not a lost exception.
         bad = cpu.allocate(torch.Size([CHUNK, 2, 16]), torch.bfloat16, MemoryFormat.KV_T2D)
-        with pytest.raises(ValueError, match="not KV_T2D"):  # LMCache itself never waits on this future
+        with pytest.raises(ValueError, match="refusing a KV_T2D chunk"):  # LMCache itself never waits on this future
             rb.submit_put_task(key(4), bad).result(10)
         deadline = time.monotonic() + 5
         while rb.put_failed_count != 1:  # counted by the future's done-callback on LMCache's loop
