@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from types import TracebackType
 from kvstore.chunk import KVChunk
 from kvstore.codec import encode
 from kvstore.keys import ChunkKey
+from kvstore.tiers.eviction import EvictionPolicy, make_policy
 from kvstore.tiers.stats import TierStats
 
 Evicted = tuple[ChunkKey, KVChunk]
@@ -132,6 +134,111 @@ class Tier(ABC):
         return (
             f"{type(self).__name__}(name={self.name!r}, used={self.used_bytes}, budget={self.budget_bytes})"
         )
+
+
+class BudgetedTier(Tier):
+    """A :class:`Tier` that accounts its entries itself: the byte bookkeeping the built-in tiers share.
+
+    Contract (subclasses supply the medium: reads, writes, deleting a victim's data):
+
+    - ``__init__(budget_bytes, policy)`` refuses a negative budget (``ValueError``) and sets up an empty
+      index, ``stats`` and ``_lock``; a subclass validates its own arguments first, then calls it.
+    - The index: ``_sizes`` maps every key the tier holds to the bytes accounted to it, ``_used`` is their
+      sum, and ``_policy`` orders exactly those keys for eviction. Only the ``_*_locked`` methods below change
+      them, always with ``_lock`` held (the subclass may guard its own state with the same lock).
+    - ``used_bytes``/``budget_bytes`` report ``_used``/``_budget`` (a subclass may lower ``_budget`` in its
+      ``__init__``, e.g. to an arena's capacity). ``contains``/``contains_many``/``keys`` answer from the index;
+      a tier whose medium other clients write (Redis) overrides them to ask the medium.
+    - :meth:`_account_locked` (re)places one key and evicts by policy until it fits; the victims it returns are
+      already gone from the index, and the subclass removes their data. Keeping ``used_bytes <= budget_bytes``
+      is therefore the subclass's only duty: account every stored entry through it.
+    - :meth:`_over_budget` is the one test for "larger than the whole budget": such a chunk is never stored
+      and counts as one eviction.
+    """
+
+    _budget: int
+    _used: int
+    _sizes: dict[ChunkKey, int]
+    _policy: EvictionPolicy
+    _lock: threading.Lock
+
+    def __init__(self, budget_bytes: int, policy: str | EvictionPolicy = "lru") -> None:
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self._budget = int(budget_bytes)
+        self._policy = make_policy(policy) if isinstance(policy, str) else policy
+        self._sizes = {}
+        self._used = 0
+        self._lock = threading.Lock()
+        self.stats = TierStats()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._budget
+
+    def contains(self, key: ChunkKey) -> bool:
+        with self._lock:
+            return key in self._sizes
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [k in self._sizes for k in keys]
+
+    def keys(self) -> list[ChunkKey]:
+        with self._lock:
+            return list(self._sizes)
+
+    def _over_budget(self, nbytes: int) -> bool:
+        """Whether an entry of ``nbytes`` can never fit (then it is counted as evicted and must not be stored)."""
+        if nbytes <= self._budget:
+            return False
+        self.stats.add(evictions=1)
+        return True
+
+    def _unaccount_locked(self, key: ChunkKey) -> int | None:
+        """Drop ``key`` from the index; its accounted size, ``None`` if it was not there."""
+        size = self._sizes.pop(key, None)
+        if size is not None:
+            self._used -= size
+            self._policy.remove(key)
+        return size
+
+    def _evict_locked(self, room: int = 0) -> list[ChunkKey]:
+        """Drop keys by policy until ``room`` more bytes fit within the budget (or none is left); returns them."""
+        victims: list[ChunkKey] = []
+        while self._used + room > self._budget and (victim := self._policy.victim()) is not None:
+            self._unaccount_locked(victim)
+            victims.append(victim)
+        return victims
+
+    def _account_locked(self, key: ChunkKey, size: int, *, evict: bool = True) -> list[ChunkKey]:
+        """Account ``size`` bytes to ``key`` (replacing its previous entry), first evicting what must go to make
+        room (unless ``evict`` is false: the caller already made room); returns the victims."""
+        self._unaccount_locked(key)
+        victims = self._evict_locked(size) if evict else []
+        self._sizes[key] = size
+        self._used += size
+        self._policy.insert(key, size)
+        return victims
+
+    def _clear_locked(self) -> None:
+        """Forget every entry."""
+        self._sizes.clear()
+        self._used = 0
+        for k in list(self._policy):
+            self._policy.remove(k)
+
+
+def first_items(items: Sequence[tuple[ChunkKey, KVChunk]]) -> dict[ChunkKey, int]:
+    """The index of each key's first item in ``items`` (the one a put-if-absent of them may store)."""
+    first: dict[ChunkKey, int] = {}
+    for j, (key, _) in enumerate(items):
+        first.setdefault(key, j)
+    return first
 
 
 class Timer:

@@ -8,7 +8,6 @@ when no tensor still views it (see :mod:`kvstore.arena`). The device tier keeps 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 
@@ -19,9 +18,8 @@ from kvstore.arena import HostArena
 from kvstore.chunk import KVChunk
 from kvstore.hostmem import clone_to_host, cuda_available
 from kvstore.keys import ChunkKey
-from kvstore.tiers.base import Evicted, Tier
-from kvstore.tiers.eviction import EvictionPolicy, make_policy
-from kvstore.tiers.stats import TierStats
+from kvstore.tiers.base import BudgetedTier, Evicted
+from kvstore.tiers.eviction import EvictionPolicy
 
 
 def _arena_nbytes(chunk: KVChunk) -> tuple[int, int]:
@@ -46,7 +44,7 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-class MemoryTier(Tier):
+class MemoryTier(BudgetedTier):
     """Chunks in device or host memory under a byte budget.
 
     ``device="cpu"``: an arena of ``budget_bytes`` host memory, page-locked when ``pin_memory`` (default:
@@ -66,34 +64,19 @@ class MemoryTier(Tier):
         prefault: bool = False,
         name: str | None = None,
     ) -> None:
-        if budget_bytes < 0:
-            raise ValueError("budget_bytes must be >= 0")
+        super().__init__(budget_bytes, policy)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.name = name or ("cpu" if self.device.type == "cpu" else "device")
         self._pin = self.device.type == "cpu" and (cuda_available() if pin_memory is None else pin_memory)
-        self._budget = int(budget_bytes)
         self.arena: HostArena | None = None
         if self.device.type == "cpu":
             self.arena = HostArena(self._budget, pin=self._pin)
             self._budget = self.arena.capacity
             if prefault:
                 self.arena.populate()
-        self._policy = make_policy(policy) if isinstance(policy, str) else policy
-        self._entries: dict[ChunkKey, KVChunk] = {}
-        self._sizes: dict[ChunkKey, int] = {}
-        self._used = 0
-        self._lock = threading.Lock()
-        self.stats = TierStats()
-
-    @property
-    def used_bytes(self) -> int:
-        return self._used
-
-    @property
-    def budget_bytes(self) -> int:
-        return self._budget
+        self._entries: dict[ChunkKey, KVChunk] = {}  # same keys as the index (``_sizes``)
 
     @property
     def retired_bytes(self) -> int:
@@ -155,25 +138,16 @@ class MemoryTier(Tier):
 
     # -- index ----------------------------------------------------------------------------------------
     def _remove_locked(self, key: ChunkKey) -> KVChunk:
-        self._policy.remove(key)
-        self._used -= self._sizes.pop(key)
+        self._unaccount_locked(key)
         return self._entries.pop(key)
 
     def _insert_locked(self, key: ChunkKey, stored: KVChunk) -> list[Evicted]:
-        """Put ``stored`` under ``key`` (replacing); a device tier evicts to fit. The caller holds ``_lock``."""
-        size = self._size_of(stored)
-        evicted: list[Evicted] = []
-        if key in self._entries:
-            self._remove_locked(key)
-        while self.arena is None and self._used + size > self._budget:
-            victim = self._policy.victim()
-            if victim is None:  # pragma: no cover - accounting invariant
-                break
-            evicted.append((victim, self._remove_locked(victim)))
+        """Put ``stored`` under ``key`` (replacing); a device tier evicts to fit (an arena tier made room when it
+        reserved the block). The caller holds ``_lock``."""
+        self._entries.pop(key, None)
+        victims = self._account_locked(key, self._size_of(stored), evict=self.arena is None)
+        evicted = [(victim, self._entries.pop(victim)) for victim in victims]
         self._entries[key] = stored
-        self._sizes[key] = size
-        self._used += size
-        self._policy.insert(key, size)
         return evicted
 
     def get(self, key: ChunkKey) -> KVChunk | None:
@@ -192,15 +166,9 @@ class MemoryTier(Tier):
         )
         return out
 
-    def _too_big(self, key: ChunkKey, chunk: KVChunk) -> bool:
-        if self._size_of(chunk) <= self._budget:
-            return False
-        self.stats.add(evictions=1)
-        return True
-
     def put(self, key: ChunkKey, chunk: KVChunk, *, owned: bool = False) -> list[Evicted]:
         start = time.perf_counter()
-        if self._too_big(key, chunk):
+        if self._over_budget(self._size_of(chunk)):
             return [(key, chunk)]
         stored, evicted = self._place(chunk, owned)
         if stored is None:  # the arena is held by views of evicted chunks: not stored
@@ -221,7 +189,7 @@ class MemoryTier(Tier):
         evicted: list[Evicted] = []
         nbytes = 0
         for key, chunk in items:
-            if self._too_big(key, chunk):
+            if self._over_budget(self._size_of(chunk)):
                 evicted.append((key, chunk))
                 stored.append(False)
                 continue
@@ -243,14 +211,6 @@ class MemoryTier(Tier):
         self.stats.record_put(sum(stored), nbytes, time.perf_counter() - start)
         return stored, evicted
 
-    def contains(self, key: ChunkKey) -> bool:
-        with self._lock:
-            return key in self._entries
-
-    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        with self._lock:
-            return [k in self._entries for k in keys]
-
     def delete(self, key: ChunkKey) -> bool:
         with self._lock:
             if key not in self._entries:
@@ -258,14 +218,7 @@ class MemoryTier(Tier):
             self._remove_locked(key)
             return True
 
-    def keys(self) -> list[ChunkKey]:
-        with self._lock:
-            return list(self._entries)
-
     def close(self) -> None:
         with self._lock:
             self._entries.clear()
-            self._sizes.clear()
-            self._used = 0
-            for k in list(self._policy):
-                self._policy.remove(k)
+            self._clear_locked()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -37,20 +36,19 @@ from kvstore.chunk import KVChunk
 from kvstore.codec import MAGIC, EncodedBlob, decode, decode_buffer, encode_parts, peek_header
 from kvstore.errors import CodecError, TierError
 from kvstore.keys import ChunkKey
-from kvstore.tiers.base import Evicted, Tier
-from kvstore.tiers.eviction import EvictionPolicy, make_policy
+from kvstore.tiers.base import BudgetedTier, Evicted, first_items
+from kvstore.tiers.eviction import EvictionPolicy
 from kvstore.tiers.redis_atomic import CompareAndDelete, unique_gen
 from kvstore.tiers.redis_client import make_client, translate_errors
 from kvstore.tiers.redis_fastpath import get_into
 from kvstore.tiers.redis_layout import KeyLayout, Manifest, StripedRead, is_manifest, parts_wrong_size, stripe_plan
-from kvstore.tiers.stats import TierStats
 
 log = logging.getLogger(__name__)
 
 _PART_TTL_MARGIN_MS = 60_000
 
 
-class RedisTier(Tier):
+class RedisTier(BudgetedTier):
     """Chunks as codec blobs in Redis; see the module docstring for layout and guarantees."""
 
     def __init__(
@@ -75,17 +73,12 @@ class RedisTier(Tier):
                 raise ValueError(f"invalid redis key prefix/namespace {part!r}")
         if stripe_bytes < 4096 or io_threads < 1 or budget_bytes < 0:
             raise ValueError("stripe_bytes >= 4096, io_threads >= 1, budget_bytes >= 0 required")
+        super().__init__(budget_bytes, policy)  # the index: the blobs this tier wrote, key -> blob size
         self.name = name
         self.url = url
         self.layout = KeyLayout(f"{key_prefix}:{namespace}:")
         self.ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
         self.stripe_bytes = int(stripe_bytes)
-        self._budget = int(budget_bytes)
-        self._policy = make_policy(policy) if isinstance(policy, str) else policy
-        self._sizes: dict[ChunkKey, int] = {}
-        self._used = 0
-        self._lock = threading.Lock()
-        self.stats = TierStats()
         self.client = make_client(
             url,
             cluster=cluster,
@@ -97,14 +90,6 @@ class RedisTier(Tier):
         self._cad = CompareAndDelete(self.client)
         self._io_threads = io_threads
         self._buffers = HostArena(read_buffer_bytes)  # striped reads land in warm, reused memory
-
-    @property
-    def used_bytes(self) -> int:
-        return self._used
-
-    @property
-    def budget_bytes(self) -> int:
-        return self._budget
 
     def main_key(self, key: ChunkKey) -> bytes:
         """The Redis key holding ``key``'s blob or manifest."""
@@ -250,8 +235,7 @@ class RedisTier(Tier):
         with translate_errors(self.client, "put", self.stats):
             for key, chunk in items:
                 enc = encode_parts(chunk)
-                if enc.nbytes > self._budget:
-                    self.stats.add(evictions=1)
+                if self._over_budget(enc.nbytes):
                     evicted.append((key, chunk))
                     continue
                 sizes[key] = enc.nbytes
@@ -282,9 +266,7 @@ class RedisTier(Tier):
         """``SET NX`` of each main key, after its parts: of all clients of the server exactly one stores a
         key. A loser (or a failed call) unlinks the parts it wrote, of its own generation."""
         start = time.perf_counter()
-        first: dict[ChunkKey, int] = {}
-        for j, (key, _) in enumerate(items):
-            first.setdefault(key, j)
+        first = first_items(items)
         stored = [False] * len(items)
         evicted: list[Evicted] = []
         mains: list[tuple[int, bytes, list[bytes], int]] = []  # (item index, value, own part names, size)
@@ -296,8 +278,7 @@ class RedisTier(Tier):
             try:
                 for j in (j for j, p in zip(todo, present, strict=True) if not p):
                     enc = encode_parts(items[j][1])
-                    if enc.nbytes > self._budget:
-                        self.stats.add(evictions=1)
+                    if self._over_budget(enc.nbytes):
                         evicted.append(items[j])
                     elif enc.nbytes <= self.stripe_bytes:
                         mains.append((j, enc.to_bytes(), [], enc.nbytes))
@@ -326,21 +307,8 @@ class RedisTier(Tier):
 
     def _account(self, sizes: dict[ChunkKey, int]) -> list[ChunkKey]:
         """Track newly written blobs; returns the keys to evict to stay within budget."""
-        victims: list[ChunkKey] = []
         with self._lock:
-            for key, size in sizes.items():
-                previous = self._sizes.pop(key, None)
-                if previous is not None:
-                    self._used -= previous
-                    self._policy.remove(key)
-                while self._used + size > self._budget and (victim := self._policy.victim()) is not None:
-                    self._policy.remove(victim)
-                    self._used -= self._sizes.pop(victim)
-                    victims.append(victim)
-                self._sizes[key] = size
-                self._used += size
-                self._policy.insert(key, size)
-        return victims
+            return [victim for key, size in sizes.items() for victim in self._account_locked(key, size)]
 
     def _evict(self, victims: list[ChunkKey]) -> list[Evicted]:
         if not victims:
@@ -356,12 +324,9 @@ class RedisTier(Tier):
 
     def _forget(self, key: ChunkKey) -> None:
         with self._lock:
-            size = self._sizes.pop(key, None)
-            if size is not None:
-                self._used -= size
-                self._policy.remove(key)
+            self._unaccount_locked(key)
 
-    # -- the rest -------------------------------------------------------------------------------------
+    # -- the rest: presence and keys come from the server (other clients write it too) -----------------
     def contains(self, key: ChunkKey) -> bool:
         return self.contains_many([key])[0]
 

@@ -17,7 +17,6 @@ import contextlib
 import errno
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -29,11 +28,10 @@ from kvstore.chunk import KVChunk
 from kvstore.codec import EncodedBlob, decode_buffer, encode_parts, verify
 from kvstore.errors import CodecError, TierError
 from kvstore.keys import ChunkKey
-from kvstore.tiers.base import Evicted, Tier
-from kvstore.tiers.eviction import EvictionPolicy, make_policy
+from kvstore.tiers.base import BudgetedTier, Evicted, first_items
+from kvstore.tiers.eviction import EvictionPolicy
 from kvstore.tiers.fileio import fsync_dir, read_file, unlink_quiet, write_new_file
 from kvstore.tiers.ssd_scan import SUFFIX, TMP_SUFFIX, scan_blobs
-from kvstore.tiers.stats import TierStats
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-class SSDTier(Tier):
+class SSDTier(BudgetedTier):
     """Blob files under ``root`` within ``budget_bytes`` (file sizes); see the module docstring."""
 
     def __init__(
@@ -64,32 +62,17 @@ class SSDTier(Tier):
     ) -> None:
         if fsync not in ("always", "never"):
             raise ValueError(f"fsync must be 'always' or 'never', got {fsync!r}")
-        if budget_bytes < 0:
-            raise ValueError("budget_bytes must be >= 0")
+        super().__init__(budget_bytes, policy)  # the index: key -> file size
         self.name = name
         self.root = os.fspath(root)
         self.fsync = fsync
-        self._budget = int(budget_bytes)
-        self._policy = make_policy(policy) if isinstance(policy, str) else policy
-        self._index: dict[ChunkKey, int] = {}
-        self._used = 0
-        self._lock = threading.Lock()
         self._dirs: set[str] = set()
-        self.stats = TierStats()
         self._buffers = HostArena(read_buffer_bytes)  # reads land in warm memory, reused once callers let go
         self._pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix=f"kvstore-{name}")
         os.makedirs(self.root, exist_ok=True)
         self._scan()
 
     # -- layout ---------------------------------------------------------------------------------------
-    @property
-    def used_bytes(self) -> int:
-        return self._used
-
-    @property
-    def budget_bytes(self) -> int:
-        return self._budget
-
     def path_of(self, key: ChunkKey) -> str:
         """The file a key's blob lives in."""
         h = key.hex
@@ -104,41 +87,30 @@ class SSDTier(Tier):
         scan = scan_blobs(self.root)
         self._dirs |= scan.dirs
         corrupt = scan.corrupt
-        for _, key, size in sorted(scan.found, key=lambda e: e[0]):
-            self._index[key] = size
-            self._policy.insert(key, size)
-            self._used += size
-        evicted = 0
-        while self._used > self._budget and (victim := self._policy.victim()) is not None:
-            self._policy.remove(victim)
-            self._used -= self._index.pop(victim)
+        with self._lock:
+            for _, key, size in sorted(scan.found, key=lambda e: e[0]):
+                self._account_locked(key, size, evict=False)
+            victims = self._evict_locked()
+        for victim in victims:
             unlink_quiet(self.path_of(victim))
-            evicted += 1
-        self.stats.add(corrupt=corrupt, evictions=evicted)
+        self.stats.add(corrupt=corrupt, evictions=len(victims))
         if corrupt:
             log.warning("ssd tier %s: removed %d corrupt or partial files at start", self.root, corrupt)
-        log.info("ssd tier %s: %d blobs, %d bytes indexed", self.root, len(self._index), self._used)
+        log.info("ssd tier %s: %d blobs, %d bytes indexed", self.root, len(self._sizes), self._used)
 
     # -- reads ----------------------------------------------------------------------------------------
     def _forget(self, key: ChunkKey) -> None:
         """Drop ``key`` from the index after its file was found missing (unless a put restored it)."""
         with self._lock:
-            if os.path.exists(self.path_of(key)):
-                return
-            size = self._index.pop(key, None)
-            if size is not None:
-                self._used -= size
-                self._policy.remove(key)
+            if not os.path.exists(self.path_of(key)):
+                self._unaccount_locked(key)
 
     def _discard_corrupt(self, key: ChunkKey, path: str, ino: int, exc: Exception) -> None:
         with self._lock:
             try:
                 if os.stat(path).st_ino == ino:  # not replaced by a concurrent put meanwhile
                     os.unlink(path)
-                    size = self._index.pop(key, None)
-                    if size is not None:
-                        self._used -= size
-                        self._policy.remove(key)
+                    self._unaccount_locked(key)
             except OSError:
                 pass
         self.stats.add(corrupt=1)
@@ -146,7 +118,7 @@ class SSDTier(Tier):
 
     def _load(self, key: ChunkKey) -> tuple[KVChunk | None, int]:
         with self._lock:
-            if key not in self._index:
+            if key not in self._sizes:
                 return None, 0
             self._policy.touch(key)
         path = self.path_of(key)
@@ -227,22 +199,11 @@ class SSDTier(Tier):
         """Index ``key``'s file of ``size`` bytes, moving victims' files aside to stay within budget (returned
         for :meth:`_drain`); the caller holds ``_lock``."""
         aside: list[tuple[ChunkKey, str]] = []
-        old = self._index.pop(key, None)
-        if old is not None:
-            self._used -= old
-            self._policy.remove(key)
-        while self._used + size > self._budget and (victim := self._policy.victim()) is not None:
-            self._policy.remove(victim)
-            self._used -= self._index.pop(victim)
+        for victim in self._account_locked(key, size):
             vpath, vaside = self.path_of(victim), self._aside(self.path_of(victim))
-            try:
+            with contextlib.suppress(OSError):
                 os.replace(vpath, vaside)
                 aside.append((victim, vaside))
-            except OSError:
-                pass
-        self._index[key] = size
-        self._used += size
-        self._policy.insert(key, size)
         return aside
 
     def _stage(self, key: ChunkKey, enc: EncodedBlob) -> str:
@@ -270,8 +231,7 @@ class SSDTier(Tier):
         start = time.perf_counter()
         enc = encode_parts(chunk)
         size = enc.nbytes
-        if size > self._budget:
-            self.stats.add(evictions=1)
+        if self._over_budget(size):
             return [(key, chunk)]
         tmp = self._stage(key, enc)
         with self._lock:
@@ -291,12 +251,11 @@ class SSDTier(Tier):
         start = time.perf_counter()
         path = self.path_of(key)
         with self._lock:
-            if key in self._index and os.path.exists(path):
+            if key in self._sizes and os.path.exists(path):
                 return False, []
         enc = encode_parts(chunk)
         size = enc.nbytes
-        if size > self._budget:
-            self.stats.add(evictions=1)
+        if self._over_budget(size):
             return False, [(key, chunk)]
         tmp = self._stage(key, enc)
         try:
@@ -318,7 +277,7 @@ class SSDTier(Tier):
 
     def _adopt_locked(self, key: ChunkKey, path: str) -> list[tuple[ChunkKey, str]]:
         """Index a file another writer published under ``key`` (if this tier does not know it yet)."""
-        if key in self._index:
+        if key in self._sizes:
             return []
         try:
             size = os.stat(path).st_size
@@ -330,9 +289,7 @@ class SSDTier(Tier):
         self, items: Sequence[tuple[ChunkKey, KVChunk]], *, owned: bool = False
     ) -> tuple[list[bool], list[Evicted]]:
         """Distinct keys are published in parallel (``io_threads``); a repeated key's first item wins."""
-        first: dict[ChunkKey, int] = {}
-        for j, (key, _) in enumerate(items):
-            first.setdefault(key, j)
+        first = first_items(items)
         jobs = [items[j] for j in sorted(first.values())]
         results = [self._put_new(*kc) for kc in jobs] if len(jobs) <= 1 else list(
             self._pool.map(lambda kc: self._put_new(*kc), jobs))
@@ -368,20 +325,9 @@ class SSDTier(Tier):
         return evicted
 
     # -- the rest -------------------------------------------------------------------------------------
-    def contains(self, key: ChunkKey) -> bool:
-        with self._lock:
-            return key in self._index
-
-    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        with self._lock:
-            return [k in self._index for k in keys]
-
     def delete(self, key: ChunkKey) -> bool:
         with self._lock:
-            size = self._index.pop(key, None)
-            if size is not None:
-                self._used -= size
-                self._policy.remove(key)
+            size = self._unaccount_locked(key)
             try:
                 os.unlink(self.path_of(key))
             except FileNotFoundError:
@@ -390,10 +336,6 @@ class SSDTier(Tier):
                 self.stats.add(errors=1)
                 raise TierError(f"ssd delete failed: {exc.strerror}") from exc
         return size is not None
-
-    def keys(self) -> list[ChunkKey]:
-        with self._lock:
-            return list(self._index)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
