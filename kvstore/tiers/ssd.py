@@ -78,6 +78,11 @@ class SSDTier(BudgetedTier):
         h = key.hex
         return os.path.join(self.root, h[:2], h + SUFFIX)
 
+    def _error(self, message: str) -> TierError:
+        """The error of one failed operation, counted in ``stats.errors`` (raise it ``from`` its cause)."""
+        self.stats.add(errors=1)
+        return TierError(message)
+
     def _aside(self, path: str) -> str:
         head, tail = os.path.split(path)
         return os.path.join(head, f".{tail}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
@@ -128,8 +133,7 @@ class SSDTier(BudgetedTier):
             self._forget(key)
             return None, 0
         except (OSError, EOFError) as exc:
-            self.stats.add(errors=1)
-            raise TierError(f"ssd read failed: {_reason(exc)}") from exc
+            raise self._error(f"ssd read failed: {_reason(exc)}") from exc
         try:
             return decode_buffer(buf), buf.numel()
         except CodecError as exc:
@@ -175,8 +179,7 @@ class SSDTier(BudgetedTier):
             self._forget(key)
             return None
         except OSError as exc:
-            self.stats.add(errors=1)
-            raise TierError(f"ssd read failed: {_reason(exc)}") from exc
+            raise self._error(f"ssd read failed: {_reason(exc)}") from exc
         try:
             verify(blob)
         except CodecError as exc:
@@ -211,9 +214,8 @@ class SSDTier(BudgetedTier):
         try:
             return self._write_temp(self.path_of(key), (enc.head, enc.payload))
         except OSError as exc:
-            self.stats.add(errors=1)
             reason = errno.errorcode.get(exc.errno or 0, str(exc))
-            raise TierError(f"ssd write failed ({reason}): {exc.strerror}") from exc
+            raise self._error(f"ssd write failed ({reason}): {exc.strerror}") from exc
 
     def _published(self, key: ChunkKey, aside: list[tuple[ChunkKey, str]], size: int, start: float) -> list[Evicted]:
         """After a new file took its final name: make the name durable, drop victims, count the put."""
@@ -239,8 +241,7 @@ class SSDTier(BudgetedTier):
                 os.replace(tmp, self.path_of(key))
             except OSError as exc:
                 unlink_quiet(tmp)
-                self.stats.add(errors=1)
-                raise TierError(f"ssd rename failed: {exc.strerror}") from exc
+                raise self._error(f"ssd rename failed: {exc.strerror}") from exc
             aside = self._admit_locked(key, size)
         return self._published(key, aside, size, start)
 
@@ -265,8 +266,7 @@ class SSDTier(BudgetedTier):
                 except FileExistsError:
                     aside, won = self._adopt_locked(key, path), False
                 except OSError as exc:
-                    self.stats.add(errors=1)
-                    raise TierError(f"ssd link failed: {exc.strerror}") from exc
+                    raise self._error(f"ssd link failed: {exc.strerror}") from exc
                 else:
                     aside, won = self._admit_locked(key, size), True
         finally:
@@ -333,8 +333,7 @@ class SSDTier(BudgetedTier):
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                self.stats.add(errors=1)
-                raise TierError(f"ssd delete failed: {exc.strerror}") from exc
+                raise self._error(f"ssd delete failed: {exc.strerror}") from exc
         return size is not None
 
     def close(self) -> None:
