@@ -1,17 +1,15 @@
-"""KVCOMM-style anchor pool: estimate how a shared segment's KV shifts under a receiving context.
+"""KVCOMM-style anchor pool: the bounded, online-updated set of anchors, per tenant and context.
 
-An anchor records, for a segment seen under a real context (an agent's prefix and slot), a summary of
-the segment's base KV (its per-layer, per-head mean over tokens) and the observed deviation (real minus
-base). Both are kept in the position-free frame (keys de-rotated to position 0), so an anchor helps at
-other offsets too. A new occurrence is corrected by a similarity-weighted mix of the deviations of the
-context's ``top_k`` closest anchors (softmax over negative relative distance of base summaries, per
-layer, keys and values separately); when no anchor is close enough or the weights are too flat, the
-caller falls back to a dense prefill and records a new anchor. Matching reads only the summaries, so
-its cost does not grow with the anchors' lengths.
+The pool keeps :class:`~blending.anchor_estimate.Anchor` records per (tenant, context), bounds them (entries
+per context, bytes per tenant and overall), persists them through an optional
+:class:`~blending.anchor_store.AnchorStore` and answers :meth:`AnchorPool.estimate` with the context's anchors
+(the mixing itself is :func:`blending.anchor_estimate.estimate`). When no anchor is close enough the caller
+falls back to a dense prefill and records a new anchor with :meth:`AnchorPool.add`.
 
-Everything is per tenant (namespace): anchors, their contexts and persisted slots, and the registry of base
-origins. One tenant's traffic never reads, adds to or replaces another's anchors; the shared bounds (bytes,
-remembered origins) evict from the tenant holding the most, so a tenant keeps at least an equal share.
+Everything is per tenant (namespace): anchors, their contexts and persisted slots. One tenant's traffic never
+reads, adds to or replaces another's anchors; the shared byte bound evicts from the tenant holding the most,
+so a tenant keeps at least an equal share. Where a base came from is not the pool's business
+(:mod:`blending.anchor_origins`).
 """
 
 from __future__ import annotations
@@ -19,19 +17,16 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from blending.rope import rerotate
+from blending.anchor_estimate import Anchor, Estimate, estimate, observe
+from blending.anchor_origins import TenantRecent
+from blending.anchor_store import AnchorStore
 from kvstore.chunk import KVChunk
-from kvstore.keys import ChunkKey, KeySpace
-from kvstore.store import TieredStore
 
 log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class AnchorConfig:
@@ -51,132 +46,10 @@ class AnchorConfig:
     max_origins: int = 1 << 16  # remembered base origins (and probed contexts), all tenants together
 
 
-@dataclass(eq=False)  # identity semantics: anchors hold tensors
-class Anchor:
-    summary: torch.Tensor  # [L, 2, H, 1, D]: the base KV's mean over tokens, keys at position 0
-    deviation: torch.Tensor  # [L, 2, H, T, D]: real minus base, keys at position 0
-    slot: int = -1  # its place among the context's max_per_context persisted entries
-    uses: int = 0
-    added: float = field(default_factory=time.monotonic)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.deviation.shape[3])
-
-    @property
-    def nbytes(self) -> int:
-        summary, dev = self.summary, self.deviation
-        return summary.numel() * summary.element_size() + dev.numel() * dev.element_size()
-
-
-@dataclass(frozen=True)
-class Estimate:
-    chunk: KVChunk | None  # corrected KV at the new positions, or None with a reason
-    reason: str | None
-    anchors: int
-    entropy: float
-    distance: float
-
-
-def _fit(t: torch.Tensor, n: int, tail: int = 16) -> torch.Tensor:
-    """``t`` ``[L, 2, H, T, D]`` cut or extended to ``n`` tokens; extension repeats the mean of its last
-    tokens (past the segment start the deviation is mostly a steady shift from the receiving context)."""
-    have = t.shape[3]
-    if have >= n:
-        return t[:, :, :, :n]
-    fill = t[:, :, :, max(0, have - tail) :].mean(dim=3, keepdim=True)
-    return torch.cat([t, fill.expand(-1, -1, -1, n - have, -1)], dim=3)
-
-
-def _frame0(kv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    out = kv.clone()
-    out[:, 0] = rerotate(kv[:, 0], positions, torch.zeros_like(positions), inv_freq)
-    return out
-
-
-def summarize(kv0: torch.Tensor) -> torch.Tensor:
-    """The matching signature of a position-free KV ``[L, 2, H, T, D]``: its mean over tokens."""
-    return kv0.float().mean(dim=3, keepdim=True)
-
-
-class AnchorStore:
-    """Persists anchors in a TieredStore: tenant ``ns``'s context ``c``'s slot ``i`` holds two chunks (base
-    summary and deviation, position-free: their positions are all 0) under keys derived from (ns, c, i), in the
-    tenant's key space. No index is needed: a pool probes a context's slots the first time it sees the context,
-    so instances sharing a tier share anchors (each tenant only its own)."""
-
-    def __init__(self, store: TieredStore, fingerprint: str, layout: str) -> None:
-        self.store, self.fingerprint, self.layout = store, fingerprint, layout
-
-    def _keys(self, namespace: str, context: str, slot: int) -> tuple[ChunkKey, ChunkKey]:
-        space = KeySpace(self.fingerprint, f"{self.layout}:anchor:{context}", namespace)
-        return space.chunk_key([slot, 0]), space.chunk_key([slot, 1])
-
-    def save(self, namespace: str, context: str, anchor: Anchor) -> None:
-        summary_key, dev_key = self._keys(namespace, context, anchor.slot)
-        zeros = torch.zeros(anchor.num_tokens, dtype=torch.int64)
-        # The summary stays float32 so that a reloaded anchor matches (and deduplicates) exactly.
-        self.store.put_many([(dev_key, KVChunk(anchor.deviation, zeros, self.fingerprint)),
-                             (summary_key, KVChunk(anchor.summary.float(), zeros[:1], self.fingerprint))])
-
-    def load(self, namespace: str, context: str, slots: int) -> list[Anchor]:
-        keys = [k for slot in range(slots) for k in self._keys(namespace, context, slot)]
-        found = self.store.get_many(keys)
-        out = []
-        for slot in range(slots):
-            summary, dev = found[2 * slot], found[2 * slot + 1]
-            if summary is None or dev is None or summary.kv.shape[3] != 1:
-                continue
-            if summary.kv.shape[:3] + summary.kv.shape[4:] != dev.kv.shape[:3] + dev.kv.shape[4:]:
-                continue
-            if summary.fingerprint != self.fingerprint or dev.fingerprint != self.fingerprint:
-                continue
-            out.append(Anchor(summary.kv.float(), dev.kv.clone(), slot=slot))
-        return out
-
-
-class _TenantRecent:
-    """Per-tenant maps, least recent first, with one bound over all tenants: past it, the tenant holding the
-    most entries (the writer on a tie) forgets its least recent one. Not thread-safe (the pool's lock)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._maps: dict[str, OrderedDict[str, str]] = {}
-        self._size = 0
-
-    def get(self, namespace: str, key: str) -> str | None:
-        entries = self._maps.get(namespace)
-        return None if entries is None else entries.get(key)
-
-    def setdefault(self, namespace: str, key: str, value: str) -> str:
-        entries = self._maps.setdefault(namespace, OrderedDict())
-        if key not in entries:
-            entries[key] = value
-            self._size += 1
-        entries.move_to_end(key)
-        while self._size > self.limit:
-            victim = max(self._maps, key=lambda t: (len(self._maps[t]), t == namespace))
-            self._maps[victim].popitem(last=False)
-            self._size -= 1
-            if not self._maps[victim]:
-                del self._maps[victim]
-        return entries.get(key, value)
-
-    def pop(self, namespace: str, key: str) -> None:
-        entries = self._maps.get(namespace)
-        if entries is not None and entries.pop(key, None) is not None:
-            self._size -= 1
-            if not entries:
-                del self._maps[namespace]
-
-    def __len__(self) -> int:
-        return self._size
-
-
 class AnchorPool:
     """Bounded (entries per context, bytes per tenant and overall), updated online, safe under concurrent
-    requests; persisted through an optional :class:`AnchorStore`. Every method takes the tenant's
-    ``namespace``: contexts, pair ids, origins and persisted slots are the tenant's own."""
+    requests; persisted through an optional :class:`AnchorStore` (a store failure is logged, never raised).
+    Every method takes the tenant's ``namespace``: contexts and persisted slots are the tenant's own."""
 
     def __init__(
         self, inv_freq: torch.Tensor, config: AnchorConfig | None = None, persist: AnchorStore | None = None
@@ -186,8 +59,7 @@ class AnchorPool:
         self.persist = persist
         self._anchors: dict[tuple[str, str], list[Anchor]] = {}  # (namespace, context) -> anchors
         self._bytes: dict[str, int] = {}  # namespace -> bytes of its anchors
-        self._loaded = _TenantRecent(self.config.max_origins)  # (namespace, context) probed in the store
-        self._origins = _TenantRecent(self.config.max_origins)  # (namespace, base key) -> context of the base
+        self._loaded = TenantRecent(self.config.max_origins)  # (namespace, context) probed in the store
         self._lock = threading.Lock()
         self.used_bytes = 0
         self.counters = {"estimates": 0, "fallbacks": 0, "added": 0, "evicted": 0, "same_context": 0}
@@ -197,24 +69,8 @@ class AnchorPool:
         cap = self.config.max_tenant_bytes
         return self.config.max_bytes if cap is None else min(cap, self.config.max_bytes)
 
-    def note_origin(self, namespace: str, base_key: str, context: str) -> None:
-        """Remember which of the tenant's contexts computed a segment's base (the first one wins; bounded,
-        least recent forgotten). Kept in memory: another instance sees the origin as unknown."""
-        with self._lock:
-            self._origins.setdefault(namespace, base_key, context)
-
-    def origin(self, namespace: str, base_key: str) -> str | None:
-        with self._lock:
-            return self._origins.get(namespace, base_key)
-
-    def forget_origin(self, namespace: str, base_key: str, context: str) -> None:
-        """Drop ``context`` as the origin of a base it did not get to publish (another writer won: the
-        stored base came from elsewhere, so its origin is unknown here)."""
-        with self._lock:
-            if self._origins.get(namespace, base_key) == context:
-                self._origins.pop(namespace, base_key)
-
     def count_same_context(self) -> None:
+        """Count a base reused as is in the context that computed it (no estimate needed)."""
         with self._lock:
             self.counters["same_context"] += 1
 
@@ -234,12 +90,8 @@ class AnchorPool:
     def add(self, namespace: str, context: str, base: KVChunk, real_kv: torch.Tensor,
             real_positions: torch.Tensor) -> None:
         """Record the deviation of ``base`` observed as ``real_kv`` (at ``real_positions``) in the tenant's
-        ``context``."""
-        if real_kv.shape != base.kv.shape:
-            raise ValueError(f"real KV {tuple(real_kv.shape)} does not match base {tuple(base.kv.shape)}")
-        base0 = _frame0(base.kv.float(), base.positions, self.inv_freq)
-        real0 = _frame0(real_kv.float(), real_positions, self.inv_freq)
-        anchor = Anchor(summarize(base0), (real0 - base0).to(base.kv.dtype))
+        ``context``; the same segment seen again refreshes its anchor. Raises ValueError on mismatched shapes."""
+        anchor = observe(base, real_kv, real_positions, self.inv_freq)
         if anchor.nbytes > self.tenant_cap:
             log.warning("anchor of %d bytes over the tenant's anchor budget; not kept", anchor.nbytes)
             return
@@ -263,6 +115,36 @@ class AnchorPool:
                 taken = {a.slot for a in self._anchors.get(key, []) if a is not anchor}
                 anchor.slot = next(i for i in range(self.config.max_per_context) if i not in taken)
         self._save(namespace, context, anchor)
+
+    def estimate(self, namespace: str, context: str, base: KVChunk, new_positions: torch.Tensor) -> Estimate:
+        """Corrected KV of ``base`` placed at ``new_positions`` in the tenant's ``context``, or a reason to
+        fall back."""
+        self._ensure_loaded(namespace, context)
+        with self._lock:
+            anchors = [a for a in self._anchors.get((namespace, context), [])
+                       if a.num_tokens >= self.config.min_overlap * base.num_tokens]
+        if not anchors:
+            result, top = Estimate(None, "no anchor for this context and length", 0, 0.0, math.inf), None
+        else:
+            result, top = estimate(anchors, base, new_positions, self.inv_freq, self.config)
+        with self._lock:
+            if top is None:
+                self.counters["fallbacks"] += 1
+            else:
+                anchors[top].uses += 1
+                self.counters["estimates"] += 1
+        return result
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "anchors": sum(len(v) for v in self._anchors.values()),
+                "contexts": len(self._anchors),
+                "tenants": len(self._bytes),
+                "used_bytes": self.used_bytes,
+                "budget_bytes": self.config.max_bytes,
+                **self.counters,
+            }
 
     def _account(self, namespace: str, nbytes: int) -> None:
         self.used_bytes += nbytes
@@ -335,56 +217,3 @@ class AnchorPool:
         if not candidates:
             return False
         return self._evict_from(min(candidates)[2], protect)
-
-    def estimate(self, namespace: str, context: str, base: KVChunk, new_positions: torch.Tensor) -> Estimate:
-        """Corrected KV of ``base`` placed at ``new_positions`` in the tenant's ``context``, or a reason to
-        fall back."""
-        n = base.num_tokens
-        self._ensure_loaded(namespace, context)
-        with self._lock:
-            anchors = [a for a in self._anchors.get((namespace, context), [])
-                       if a.num_tokens >= self.config.min_overlap * n]
-        if not anchors:
-            return self._miss("no anchor for this context and length", 0, 0.0, math.inf)
-        base0 = _frame0(base.kv.float(), base.positions, self.inv_freq)  # [L, 2, H, T, D]
-        query = summarize(base0)
-        norm = query.pow(2).sum(dim=(2, 3, 4)).sqrt().clamp_min(1e-6)  # [L, 2]
-        rel = torch.stack([(a.summary - query).pow(2).sum(dim=(2, 3, 4)).sqrt() / norm for a in anchors])
-        closest = float(rel.min(dim=0).values.mean())
-        weights = torch.softmax(-rel / self.config.temperature, dim=0)  # per layer, K and V separately
-        entropy = 0.0
-        if len(anchors) > 1:
-            ent = -(weights * weights.clamp_min(1e-12).log()).sum(dim=0) / math.log(len(anchors))
-            entropy = float(ent.mean())
-        if closest > self.config.max_distance:
-            return self._miss("no anchor close enough", len(anchors), entropy, closest)
-        if entropy > self.config.max_entropy:
-            return self._miss("anchor weights too flat", len(anchors), entropy, closest)
-        order = weights.mean(dim=(1, 2)).argsort(descending=True)[: self.config.top_k].tolist()
-        top = weights[order] / weights[order].sum(dim=0, keepdim=True)  # [k, L, 2]
-        corrected = base0
-        for w, i in zip(top, order, strict=True) if self.config.apply_deviation else ():
-            corrected += w[:, :, None, None, None] * _fit(anchors[i].deviation.float(), n)
-        corrected[:, 0] = rerotate(corrected[:, 0], torch.zeros_like(new_positions), new_positions, self.inv_freq)
-        with self._lock:
-            anchors[order[0]].uses += 1
-            self.counters["estimates"] += 1
-        chunk = KVChunk(corrected.to(base.kv.dtype), new_positions.clone(), base.fingerprint)
-        return Estimate(chunk, None, len(anchors), entropy, closest)
-
-    def _miss(self, reason: str, count: int, entropy: float, distance: float) -> Estimate:
-        with self._lock:
-            self.counters["fallbacks"] += 1
-        return Estimate(None, reason, count, entropy, distance)
-
-    def stats(self) -> dict[str, object]:
-        with self._lock:
-            return {
-                "anchors": sum(len(v) for v in self._anchors.values()),
-                "contexts": len(self._anchors),
-                "tenants": len(self._bytes),
-                "origins": len(self._origins),
-                "used_bytes": self.used_bytes,
-                "budget_bytes": self.config.max_bytes,
-                **self.counters,
-            }

@@ -12,8 +12,10 @@ import torch
 
 from blending.accounting import ReuseReport
 from blending.adapter import ModelAdapter, UnsupportedModelError
-from blending.anchor_flow import anchor_prefill
-from blending.anchors import AnchorConfig, AnchorPool, AnchorStore
+from blending.anchor_flow import Computed, anchor_inputs, anchor_prefill
+from blending.anchor_origins import OriginRegistry
+from blending.anchor_store import AnchorStore
+from blending.anchors import AnchorConfig, AnchorPool
 from blending.cacheblend import BlendConfig, blend
 from blending.calibration import Calibration, CalibrationStore
 from blending.decode import SamplingParams, dense_prefill, generate_tokens, teacher_forced_logits
@@ -34,7 +36,7 @@ from blending.writeback import (
     warm_chunks,
     write_back,
 )
-from kvstore.chunk import KVChunk, dtype_name
+from kvstore.chunk import dtype_name
 from kvstore.keys import ChunkKey
 from kvstore.store import TieredStore
 
@@ -124,10 +126,12 @@ class Engine:
         except UnsupportedModelError as exc:  # serve dense through HF only
             self.adapter, self.unsupported_reason = None, str(exc)
         self.layout = self._layout()
-        self.anchor_pool = None
+        self.anchor_pool: AnchorPool | None = None
+        self.anchor_origins: OriginRegistry | None = None  # where this instance's published bases came from
         if self.adapter is not None:
             persist = AnchorStore(store, self.fingerprint, self.layout)
             self.anchor_pool = AnchorPool(self.adapter.inv_freq, self.config.anchors, persist)
+            self.anchor_origins = OriginRegistry(self.config.anchors.max_origins)
             bad = [c for c in self.config.blend.check_layers if c >= self.adapter.shape.num_layers]
             if bad:
                 raise ValueError(
@@ -238,15 +242,15 @@ class Engine:
                     self._lookup(plan)
                 fused, mode, anchor_reason, computed = self._anchor(plan, mode, ratio, request.namespace)
                 reason = anchor_reason or (reason if request.mode == "auto" else None)
-                if computed and self.config.writeback:
-                    forget_lost_origins(self.anchor_pool, plan, computed, publish_first(self.store, computed),
-                                        request.namespace)
+                if computed and self.config.writeback and self.anchor_origins is not None:
+                    won = publish_first(self.store, [(c.key, c.chunk) for c in computed])
+                    forget_lost_origins(self.anchor_origins, computed, won, request.namespace)
                 exact_len = exact_length(plan, fused, mode, hot)
             else:
                 fused, mode, reason = self._compute(plan, hot, mode, reason, ratio)
                 exact_len = exact_length(plan, fused, mode, hot)
-                if bases is not None and self.anchor_pool is not None and self.config.writeback:
-                    publish_bases(self.store, self.anchor_pool, bases, fused, exact_len, request.namespace,
+                if bases is not None and self.anchor_origins is not None and self.config.writeback:
+                    publish_bases(self.store, self.anchor_origins, bases, fused, exact_len, request.namespace,
                                   self.fingerprint)
         end = time.perf_counter()
         if mode == "dense" and reason:
@@ -309,19 +313,18 @@ class Engine:
 
     def _anchor(
         self, plan: Plan, mode: str, ratio: float | None, namespace: str
-    ) -> tuple[FusedKV, str, str | None, list[tuple[ChunkKey, KVChunk]]]:
-        assert self.adapter is not None and self.anchor_pool is not None
+    ) -> tuple[FusedKV, str, str | None, list[Computed]]:
+        assert self.adapter is not None and self.anchor_pool is not None and self.anchor_origins is not None
         hybrid = None
         if mode == "hybrid":
             hybrid = replace(self.config.blend, recompute_ratio=self.config.hybrid_ratio if ratio is None else ratio)
         try:
-            fused, reason, computed = anchor_prefill(
-                self.adapter, self.anchor_pool, plan, hybrid, self._dense, self.fingerprint, namespace=namespace
-            )
+            out = anchor_prefill(self.adapter, self.anchor_pool, self.anchor_origins, anchor_inputs(plan), hybrid,
+                                 self._dense, self.fingerprint, namespace=namespace)
         except (ValueError, RuntimeError) as exc:  # bad cached KV or anchors must never crash a request
             log.warning("anchor prefill failed (%s); dense fallback", exc)
             return self._dense(plan.token_ids), "dense", f"anchor failed: {exc}", []
-        return fused, "dense" if reason else mode, reason, computed
+        return out.fused, "dense" if out.reason else mode, out.reason, out.computed
 
     def _compute(
         self, plan: Plan, hot: PrefixHit | None, mode: str, reason: str | None, ratio: float | None

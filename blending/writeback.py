@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from blending.adapter import ModelAdapter
-from blending.anchor_flow import chunk_contexts
-from blending.anchors import AnchorPool
+from blending.anchor_flow import Computed, shared_chunks
+from blending.anchor_origins import OriginRegistry
 from blending.fused import FusedKV
 from blending.planner import KeySpaces, Plan
 from blending.precompute import chunk_kv
@@ -56,31 +56,27 @@ def publish_first(store: TieredStore, items: list[tuple[ChunkKey, KVChunk]]) -> 
     return store.put_many_if_absent(items)
 
 
-def publish_bases(store: TieredStore, pool: AnchorPool, anchor_plan: Plan, fused: FusedKV, exact: int,
+def publish_bases(store: TieredStore, origins: OriginRegistry, anchor_plan: Plan, fused: FusedKV, exact: int,
                   namespace: str, fingerprint: str) -> None:
     """Publish, from a request that computed its prompt exactly up to ``exact``, the anchor bases of its
     shared segments that have none yet; the context that wins the publication is the base's origin."""
     items, contexts = [], []
-    for seg, context, span in chunk_contexts(anchor_plan):
-        if seg.cached is None and seg.key is not None and span.stop <= exact:
-            kv = fused.kv[:, :, :, span].clone()
-            items.append((seg.key, KVChunk(kv, torch.arange(span.start, span.stop), fingerprint)))
-            contexts.append(context)
+    for chunk in shared_chunks(anchor_plan):
+        if chunk.base is None and chunk.span.stop <= exact:
+            kv = fused.kv[:, :, :, chunk.span].clone()
+            items.append((chunk.key, KVChunk(kv, chunk.positions, fingerprint)))
+            contexts.append(chunk.context)
     for (key, _), context, won in zip(items, contexts, publish_first(store, items), strict=True):
         if won:
-            pool.note_origin(namespace, key.hex, context)
+            origins.note(namespace, key.hex, context)
 
 
-def forget_lost_origins(pool: AnchorPool | None, plan: Plan, items: list[tuple[ChunkKey, KVChunk]],
-                        won: list[bool], namespace: str) -> None:
+def forget_lost_origins(origins: OriginRegistry, items: list[Computed], won: list[bool], namespace: str) -> None:
     """After an anchor-mode publication: a base this request computed but another writer (another
     instance over the same tier) stored first does not originate here; forget the origin noted for it."""
-    if pool is None:
-        return
-    contexts = {seg.key: ctx for seg, ctx, _ in chunk_contexts(plan)}
-    for (key, _), stored in zip(items, won, strict=True):
-        if not stored and key in contexts:
-            pool.forget_origin(namespace, key.hex, contexts[key])
+    for item, stored in zip(items, won, strict=True):
+        if not stored and item.origin is not None:
+            origins.forget(namespace, item.key.hex, item.origin)
 
 
 def write_back(

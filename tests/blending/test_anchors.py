@@ -7,6 +7,7 @@ import threading
 import torch
 
 from blending.adapter import ModelAdapter
+from blending.anchor_origins import OriginRegistry
 from blending.anchors import AnchorConfig, AnchorPool
 from blending.precompute import chunk_kv
 from kvstore.chunk import KVChunk
@@ -128,7 +129,7 @@ def test_concurrent_updates_keep_pool_consistent() -> None:
 
 def test_persistence_round_trip_through_kvstore() -> None:
     """Anchors written by one pool are found by another sharing the store (as instances sharing Redis)."""
-    from blending.anchors import AnchorStore
+    from blending.anchor_store import AnchorStore
     from kvstore import StoreConfig, TieredStore
 
     adapter, prefix, segment = _setup()
@@ -153,7 +154,7 @@ def test_persistence_round_trip_through_kvstore() -> None:
 def test_bfloat16_anchor_reloaded_is_refreshed_not_duplicated() -> None:
     """A bf16 model's anchors: the byte count covers the float32 summary, and an anchor reloaded from the
     store is recognised when its segment is observed again."""
-    from blending.anchors import AnchorStore
+    from blending.anchor_store import AnchorStore
     from kvstore import StoreConfig, TieredStore
 
     inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
@@ -172,7 +173,7 @@ def test_bfloat16_anchor_reloaded_is_refreshed_not_duplicated() -> None:
 def test_tenants_have_their_own_anchors_origins_and_persisted_slots() -> None:
     """A tenant's anchors, origins and persisted anchors are invisible to another tenant using the same
     context and pair names (issue #11: contexts like ``no-prefix:0`` carried no tenant)."""
-    from blending.anchors import AnchorStore
+    from blending.anchor_store import AnchorStore
     from kvstore import StoreConfig, TieredStore
 
     adapter, prefix, segment = _setup()
@@ -184,10 +185,11 @@ def test_tenants_have_their_own_anchors_origins_and_persisted_slots() -> None:
     pool.add("alice", pair, base, real, positions)
     assert pool.estimate("bob", pair, base, positions).reason == "no anchor for this context and length"
     assert pool.estimate("alice", pair, base, positions).chunk is not None
-    pool.note_origin("alice", "base-key", "no-prefix:0")
-    assert pool.origin("bob", "base-key") is None and pool.origin("alice", "base-key") == "no-prefix:0"
-    pool.note_origin("bob", "base-key", "no-prefix:3")  # bob's own origin for the same key
-    assert (pool.origin("alice", "base-key"), pool.origin("bob", "base-key")) == ("no-prefix:0", "no-prefix:3")
+    origins = OriginRegistry(16)
+    origins.note("alice", "base-key", "no-prefix:0")
+    assert origins.get("bob", "base-key") is None and origins.get("alice", "base-key") == "no-prefix:0"
+    origins.note("bob", "base-key", "no-prefix:3")  # bob's own origin for the same key
+    assert (origins.get("alice", "base-key"), origins.get("bob", "base-key")) == ("no-prefix:0", "no-prefix:3")
     # Another instance sharing the store finds the persisted anchor for alice only.
     other = AnchorPool(adapter.inv_freq, persist=AnchorStore(store, "fp", "tiny"))
     assert other.estimate("bob", pair, base, positions).reason == "no anchor for this context and length"
@@ -224,12 +226,11 @@ def test_one_tenant_cannot_evict_another_below_an_equal_share() -> None:
 
 
 def test_origin_registry_is_bounded_fairly_across_tenants() -> None:
-    inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
-    pool = AnchorPool(inv, AnchorConfig(max_origins=10))
+    origins = OriginRegistry(10)
     for i in range(4):
-        pool.note_origin("bob", f"k{i}", "no-prefix:0")
+        origins.note("bob", f"k{i}", "no-prefix:0")
     for i in range(100):
-        pool.note_origin("alice", f"k{i}", "no-prefix:1")
-        assert int(pool.stats()["origins"]) <= 10  # type: ignore[call-overload]
-    assert [pool.origin("bob", f"k{i}") for i in range(4)] == ["no-prefix:0"] * 4
-    assert pool.origin("alice", "k99") == "no-prefix:1" and pool.origin("alice", "k0") is None
+        origins.note("alice", f"k{i}", "no-prefix:1")
+        assert len(origins) <= 10
+    assert [origins.get("bob", f"k{i}") for i in range(4)] == ["no-prefix:0"] * 4
+    assert origins.get("alice", "k99") == "no-prefix:1" and origins.get("alice", "k0") is None

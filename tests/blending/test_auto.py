@@ -169,16 +169,16 @@ def test_first_use_calibrates_in_the_background(engine: Engine) -> None:
 def test_a_base_lost_to_another_writer_keeps_no_origin_here(engine: Engine) -> None:
     """Two instances over one tier compute the same new message at once: the one whose publication loses
     must not remember itself as the origin of the stored base (it holds another context's KV)."""
-    from blending.anchor_flow import chunk_contexts
+    from blending.anchor_flow import Computed, shared_chunks
     from blending.writeback import forget_lost_origins
 
-    pool = engine.anchor_pool
-    assert pool is not None
+    origins = engine.anchor_origins
+    assert origins is not None
     plan = engine._anchor_plan(long_request((0, 1)).segments, "default")
-    (seg, ctx, _), (seg2, ctx2, _) = chunk_contexts(plan)
-    assert seg.key is not None and seg2.key is not None
-    pool.note_origin("default", seg.key.hex, ctx)
-    pool.note_origin("default", seg2.key.hex, ctx2)
+    first, second = shared_chunks(plan)
+    origins.note("default", first.key.hex, first.context)
+    origins.note("default", second.key.hex, second.context)
     chunk = KVChunk(torch.zeros(30, 2, 3, 1, 64), torch.arange(1), engine.fingerprint)
-    forget_lost_origins(pool, plan, [(seg.key, chunk), (seg2.key, chunk)], [False, True], "default")
-    assert pool.origin("default", seg.key.hex) is None and pool.origin("default", seg2.key.hex) == ctx2
+    items = [Computed(first.key, chunk, first.context), Computed(second.key, chunk, second.context)]
+    forget_lost_origins(origins, items, [False, True], "default")
+    assert origins.get("default", first.key.hex) is None and origins.get("default", second.key.hex) == second.context
