@@ -239,12 +239,15 @@ LMCACHE: dict[str, Any] = {"remote_serde": "naive", "remote_storage_plugins": ["
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("port: 8000\ncolour: red\n", "colour"),  # kvfuse settings
-        ("limits: {max_documents: 0}\n", "max_documents"),
-        (yaml.safe_dump({**LMCACHE, "remote_serde": "cachegen"}), "naive"),
-        (yaml.safe_dump({**LMCACHE, "extra_config": {**PLUGIN, "kvfuse_colour": 1}}), "colour"),
-        (yaml.safe_dump({**LMCACHE, "extra_config": {**PLUGIN, "kvfuse_store": {"x": 1}}}), "x"),
-        (yaml.safe_dump({**LMCACHE, "remote_storage_plugins": ["other"]}), "other"),
+        pytest.param("port: 8000\ncolour: red\n", "colour", id="settings-unknown"),
+        pytest.param("limits: {max_documents: 0}\n", "max_documents", id="settings-invalid"),
+        pytest.param(yaml.safe_dump({**LMCACHE, "remote_serde": "cachegen"}), "naive", id="lmcache-serde"),
+        pytest.param(yaml.safe_dump({**LMCACHE, "extra_config": {**PLUGIN, "kvfuse_colour": 1}}), "colour",
+                     id="lmcache-unknown-key"),
+        pytest.param(yaml.safe_dump({**LMCACHE, "extra_config": {**PLUGIN, "kvfuse_store": {"x": 1}}}), "x",
+                     id="lmcache-bad-store"),
+        pytest.param(yaml.safe_dump({**LMCACHE, "remote_storage_plugins": ["other"]}), "other",
+                     id="lmcache-plugin-name"),
     ],
 )
 def test_yaml_checks_refuse_bad_configurations(tmp_path: Path, text: str, message: str) -> None:
