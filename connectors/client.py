@@ -19,7 +19,17 @@ import httpx
 
 from blending.accounting import ReuseReport
 
-DEFAULT_URL = os.environ.get("KVFUSE_URL", "http://127.0.0.1:8000")
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def default_url() -> str:
+    """``$KVFUSE_URL`` (read at each call), else :data:`DEFAULT_URL`."""
+    return os.environ.get("KVFUSE_URL") or DEFAULT_URL
+
+
+def default_api_key() -> str | None:
+    """``$KVFUSE_API_KEY`` (read at each call), as ``kvfuse stats``/``warm`` read it; ``None`` when unset."""
+    return os.environ.get("KVFUSE_API_KEY") or None
 CACHE_CONTROL = {"type": "ephemeral"}
 Message = dict[str, Any]
 DocumentLike = str | Mapping[str, Any]
@@ -145,9 +155,10 @@ def _parse_sse(line: str) -> StreamEvent | None:
 
 
 class _Base:
-    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 300.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 300.0) -> None:
+        """``base_url`` and ``api_key`` default to ``$KVFUSE_URL`` and ``$KVFUSE_API_KEY``."""
+        self.base_url = (base_url or default_url()).rstrip("/")
+        self.api_key = api_key if api_key is not None else default_api_key()
         self.timeout = timeout
 
     def _kwargs(self) -> dict[str, Any]:
@@ -164,7 +175,7 @@ class _Base:
 class KVFuseClient(_Base):
     """Synchronous client (thread-safe; one pooled ``httpx.Client``)."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 300.0) -> None:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 300.0) -> None:
         super().__init__(base_url, api_key, timeout)
         self._http = httpx.Client(**self._kwargs())
 

@@ -105,7 +105,7 @@ class ChatKVFuse(BaseChatModel):
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
-    base_url: str = Field(default_factory=lambda: kc.DEFAULT_URL)
+    base_url: str = Field(default_factory=kc.default_url)
     api_key: SecretStr | None = None
     model_name: str = Field(default="default", alias="model")
     max_tokens: int | None = 256
@@ -235,7 +235,7 @@ class KVFuseWarmingRetriever(BaseRetriever):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     retriever: BaseRetriever
-    base_url: str = Field(default_factory=lambda: kc.DEFAULT_URL)
+    base_url: str = Field(default_factory=kc.default_url)
     api_key: SecretStr | None = None
     engine: Any = None
     system_prompt: str | None = None

@@ -71,7 +71,7 @@ class KVFuseLLM(CustomLLM):
     """LlamaIndex LLM served by a kvfuse sidecar. Call options (``complete(prompt, documents=[...],
     mode="dense")``): ``documents``, ``mode``, ``recompute_ratio``, ``kvfuse``, ``max_tokens``, ``stop``."""
 
-    base_url: str = Field(default_factory=lambda: kc.DEFAULT_URL)
+    base_url: str = Field(default_factory=kc.default_url)
     api_key: str | None = None
     model_name: str = "default"
     max_tokens: int = 256
@@ -187,7 +187,7 @@ class KVFuseWarmingPostprocessor(BaseNodePostprocessor):
     through the sidecar at ``base_url`` or the in-process ``engine``, and registers them with ``llm``.
     Returns the nodes unchanged; warming failures are logged, never raised."""
 
-    base_url: str = Field(default_factory=lambda: kc.DEFAULT_URL)
+    base_url: str = Field(default_factory=kc.default_url)
     api_key: str | None = None
     engine: Any = None
     system_prompt: str | None = None
