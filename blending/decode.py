@@ -3,6 +3,7 @@ dense prefill, both in pieces that let the engine's fair model lock hand the mod
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,6 +14,13 @@ from transformers import DynamicCache, PreTrainedModel
 
 from blending.adapter import ModelAdapter
 from blending.fused import BlendStats, FusedKV
+
+
+def cache_kwargs(model: PreTrainedModel, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """``{name: cache}`` for the forward's cache argument: ``cache`` where the model takes it (recent
+    transformers 5.x, which deprecates ``past_key_values`` with a FutureWarning), else ``past_key_values``."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def to_dynamic_cache(model: PreTrainedModel, kv: torch.Tensor) -> DynamicCache:
@@ -51,8 +59,8 @@ def dense_prefill(
             for start in starts:
                 if start and between is not None:
                     between()
-                out = model(input_ids=ids[start : start + step][None].to(model.device), past_key_values=cache,
-                            use_cache=True)  # fmt: skip
+                out = model(input_ids=ids[start : start + step][None].to(model.device), use_cache=True,
+                            **cache_kwargs(model, cache))  # fmt: skip
         layers: Any = cache.layers
         kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])
         last = out.logits[0, -1].float()
@@ -85,7 +93,7 @@ def teacher_forced_logits(
                 between()
             piece = ids[start : start + step][None]
             pos = torch.arange(n + start, n + start + piece.shape[1], device=model.device)[None]
-            out = model(input_ids=piece, past_key_values=cache, position_ids=pos, use_cache=True)
+            out = model(input_ids=piece, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
             rows.append(out.logits[0].float())
     return torch.cat(rows)
 
@@ -133,6 +141,6 @@ def generate_tokens(
             return
         ids = torch.tensor([[token]], device=model.device)
         pos = torch.tensor([[position]], device=model.device)
-        out = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True)
+        out = model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
         logits = out.logits[0, -1].float()
         position += 1
