@@ -135,15 +135,14 @@ def anchor_prefill(
     namespace: str,
 ) -> AnchorOutcome:
     """Fuse with anchor-corrected chunk KV: no forward pass for reused tokens, then selective recompute
-    when ``hybrid`` is given. A base computed in this very context (per ``origins``) is reused as is
+    when ``hybrid`` is given. ``origins`` is only read: a new base's origin is recorded by its publication
+    (:func:`blending.writeback.publish_computed`). A base computed in this very context is reused as is
     (re-rotated); the others are corrected by anchors of their (origin, context) pair. When no chunk has a
     base, or one has no close anchor, runs ``dense`` and learns an anchor for every corrected chunk.
     ``namespace``: the requesting tenant, whose anchors and origins alone are read and learned. Raises
     what blending raises on bad cached KV (ValueError, RuntimeError)."""
     known = [c for c in request.shared if c.base is not None]
-    new = [c for c in request.shared if c.base is None]
-    for chunk in new:
-        origins.note(namespace, chunk.key.hex, chunk.context)
+    new = [c for c in request.shared if c.base is None]  # their origins are recorded if they win publication
     reason: str | None = None
     if not request.shared:
         reason = "anchor: no shared segments"

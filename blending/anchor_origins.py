@@ -41,13 +41,6 @@ class TenantRecent:
                 del self._maps[victim]
         return entries.get(key, value)
 
-    def pop(self, namespace: str, key: str) -> None:
-        entries = self._maps.get(namespace)
-        if entries is not None and entries.pop(key, None) is not None:
-            self._size -= 1
-            if not entries:
-                del self._maps[namespace]
-
     def __len__(self) -> int:
         return self._size
 
@@ -70,12 +63,6 @@ class OriginRegistry:
         """The tenant's origin of the base, None when unknown here."""
         with self._lock:
             return self._origins.get(namespace, base_key)
-
-    def forget(self, namespace: str, base_key: str, context: str) -> None:
-        """Drop ``context`` as the origin of a base it did not get to publish."""
-        with self._lock:
-            if self._origins.get(namespace, base_key) == context:
-                self._origins.pop(namespace, base_key)
 
     def __len__(self) -> int:
         with self._lock:

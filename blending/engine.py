@@ -28,9 +28,8 @@ from blending.policy import Decision, Features, PolicyConfig, decide
 from blending.prompt_cache import HotPromptCache, PrefixHit
 from blending.scheduler import FairLock, current_queue_s
 from blending.writeback import (
-    forget_lost_origins,
     publish_bases,
-    publish_first,
+    publish_computed,
     remember,
     segment_starts,
     warm_chunks,
@@ -243,8 +242,7 @@ class Engine:
                 fused, mode, anchor_reason, computed = self._anchor(plan, mode, ratio, request.namespace)
                 reason = anchor_reason or (reason if request.mode == "auto" else None)
                 if computed and self.config.writeback and self.anchor_origins is not None:
-                    won = publish_first(self.store, [(c.key, c.chunk) for c in computed])
-                    forget_lost_origins(self.anchor_origins, computed, won, request.namespace)
+                    publish_computed(self.store, self.anchor_origins, computed, request.namespace)
                 exact_len = exact_length(plan, fused, mode, hot)
             else:
                 fused, mode, reason = self._compute(plan, hot, mode, reason, ratio)

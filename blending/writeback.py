@@ -4,7 +4,7 @@ One place decides what a request's computed KV becomes: its exact leading part g
 cache before the request returns (immediate reuse); :func:`write_back` later stores the missing exact
 prefix and chunks (a chunk inside the exact part as computed there, in its real context, at no extra
 compute; another computed in its canonical context after the prefix); anchor bases are published
-first-writer-wins by :func:`publish_first`."""
+first-writer-wins by :func:`publish_computed`, which records the origins of the bases it won."""
 
 from __future__ import annotations
 
@@ -56,27 +56,22 @@ def publish_first(store: TieredStore, items: list[tuple[ChunkKey, KVChunk]]) -> 
     return store.put_many_if_absent(items)
 
 
+def publish_computed(store: TieredStore, origins: OriginRegistry, items: list[Computed], namespace: str) -> None:
+    """Publish ``items`` first-writer-wins; the context of each new base whose publication wins becomes its
+    origin. A base another writer (another instance over the same tier) stored first came from elsewhere:
+    no origin is recorded for it, nor for anything not published."""
+    for item, won in zip(items, publish_first(store, [(i.key, i.chunk) for i in items]), strict=True):
+        if won and item.origin is not None:
+            origins.note(namespace, item.key.hex, item.origin)
+
+
 def publish_bases(store: TieredStore, origins: OriginRegistry, anchor_plan: Plan, fused: FusedKV, exact: int,
                   namespace: str, fingerprint: str) -> None:
     """Publish, from a request that computed its prompt exactly up to ``exact``, the anchor bases of its
-    shared segments that have none yet; the context that wins the publication is the base's origin."""
-    items, contexts = [], []
-    for chunk in shared_chunks(anchor_plan):
-        if chunk.base is None and chunk.span.stop <= exact:
-            kv = fused.kv[:, :, :, chunk.span].clone()
-            items.append((chunk.key, KVChunk(kv, chunk.positions, fingerprint)))
-            contexts.append(chunk.context)
-    for (key, _), context, won in zip(items, contexts, publish_first(store, items), strict=True):
-        if won:
-            origins.note(namespace, key.hex, context)
-
-
-def forget_lost_origins(origins: OriginRegistry, items: list[Computed], won: list[bool], namespace: str) -> None:
-    """After an anchor-mode publication: a base this request computed but another writer (another
-    instance over the same tier) stored first does not originate here; forget the origin noted for it."""
-    for item, stored in zip(items, won, strict=True):
-        if not stored and item.origin is not None:
-            origins.forget(namespace, item.key.hex, item.origin)
+    shared segments that have none yet (see :func:`publish_computed`)."""
+    items = [Computed(c.key, KVChunk(fused.kv[:, :, :, c.span].clone(), c.positions, fingerprint), c.context)
+             for c in shared_chunks(anchor_plan) if c.base is None and c.span.stop <= exact]
+    publish_computed(store, origins, items, namespace)
 
 
 def write_back(

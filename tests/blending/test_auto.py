@@ -17,7 +17,6 @@ from blending.model import LoadedModel
 from blending.planner import PromptSegment
 from blending.rope import rerotate
 from kvstore import StoreConfig, TieredStore
-from kvstore.chunk import KVChunk
 from tests.blending.test_engine import DOCS, QUESTION, SYSTEM, request
 
 LONG = [d.strip() + " " + " ".join(f"Note {k}: the archive keeps records of {d.split()[0]} for year {1900 + k}."
@@ -165,20 +164,3 @@ def test_first_use_calibrates_in_the_background(engine: Engine) -> None:
     assert cal.curve[1.0] == 1.0  # recomputing every token is a dense prefill
     assert engine.calibrations is not None and engine.calibrations.load() == cal
 
-
-def test_a_base_lost_to_another_writer_keeps_no_origin_here(engine: Engine) -> None:
-    """Two instances over one tier compute the same new message at once: the one whose publication loses
-    must not remember itself as the origin of the stored base (it holds another context's KV)."""
-    from blending.anchor_flow import Computed, shared_chunks
-    from blending.writeback import forget_lost_origins
-
-    origins = engine.anchor_origins
-    assert origins is not None
-    plan = engine._anchor_plan(long_request((0, 1)).segments, "default")
-    first, second = shared_chunks(plan)
-    origins.note("default", first.key.hex, first.context)
-    origins.note("default", second.key.hex, second.context)
-    chunk = KVChunk(torch.zeros(30, 2, 3, 1, 64), torch.arange(1), engine.fingerprint)
-    items = [Computed(first.key, chunk, first.context), Computed(second.key, chunk, second.context)]
-    forget_lost_origins(origins, items, [False, True], "default")
-    assert origins.get("default", first.key.hex) is None and origins.get("default", second.key.hex) == second.context
