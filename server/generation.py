@@ -256,6 +256,18 @@ def kvfuse_info(result: PrefillResult, requested: str) -> KVFuseInfo:
     return KVFuseInfo(**{**result.report().model_dump(), "requested_mode": requested})
 
 
+def stream_error(exc: Exception, namespace: str) -> dict[str, Any]:
+    """The OpenAI-style error object that ends a stream failing after it started (its status line is long
+    gone): an :class:`APIError` as it would have been answered, anything else as a server error naming only
+    the exception's type. The reason, with its traceback, goes to the log, never to the client."""
+    if isinstance(exc, APIError):
+        log.warning("stream for tenant %s ended by an error: %s", namespace, exc.message)
+        return {"error": {"message": exc.message, "type": exc.type, "param": exc.param}}
+    log.error("stream for tenant %s failed mid-response: %s: %s", namespace, type(exc).__name__, exc, exc_info=exc)
+    return {"error": {"message": f"internal error during generation: {type(exc).__name__}", "type": "server_error",
+                      "param": None}}
+
+
 def new_id(prefix: str) -> tuple[str, int]:
     """A response id and its creation time (unix seconds)."""
     return f"{prefix}-{secrets.token_hex(12)}", int(time.time())

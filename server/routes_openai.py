@@ -80,7 +80,7 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _stream(
+async def _token_events(
     state: ServerState,
     result: PrefillResult,
     params: SamplingParams,
@@ -89,33 +89,44 @@ async def _stream(
     frame: Callable[[str, TokenLogprob | None, str | None], dict[str, Any]],
     requested: str,
 ) -> AsyncIterator[str]:
-    """SSE events: one per emitted piece of text, a final one with finish_reason/usage/kvfuse, [DONE].
-    The writeback is scheduled when the stream ends, also when the client went away mid-stream."""
+    """SSE events: one per emitted piece of text, a final one with finish_reason/usage/kvfuse."""
+    steps = gen.decode_steps(state, result, params)
+    text = gen.TextAssembler(state.engine.tokenizer, stop)
+    finish, n = "length", 0
+    while True:
+        step = await run_in_threadpool(next, steps, None)
+        if step is None:
+            break
+        token, logits = step
+        if token in params.stop_token_ids:
+            finish = "stop"
+            break
+        n += 1
+        lp = gen.token_logprob(state.engine.tokenizer, logits, token, top) if top is not None else None
+        delta = text.add(token)
+        if delta or lp is not None:
+            yield _sse(frame(delta, lp, None))
+        if text.stopped:
+            finish = "stop"
+            break
+    last = frame(text.flush(), None, finish)
+    last["usage"] = gen.usage(result, n).model_dump()
+    last["kvfuse"] = gen.kvfuse_info(result, requested).model_dump()
+    yield _sse(last)
+
+
+async def _stream(state: ServerState, result: PrefillResult, requested: str,
+                  events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``events`` (:func:`_token_events`), then [DONE]. A failure after the stream started ends it with an
+    error event (``{"error": {...}}``, see :func:`server.generation.stream_error`) before [DONE]. The
+    writeback is scheduled when the stream ends, also when it failed or the client went away."""
     task = state.writeback_task(result, requested)
     try:
-        steps = gen.decode_steps(state, result, params)
-        text = gen.TextAssembler(state.engine.tokenizer, stop)
-        finish, n = "length", 0
-        while True:
-            step = await run_in_threadpool(next, steps, None)
-            if step is None:
-                break
-            token, logits = step
-            if token in params.stop_token_ids:
-                finish = "stop"
-                break
-            n += 1
-            lp = gen.token_logprob(state.engine.tokenizer, logits, token, top) if top is not None else None
-            delta = text.add(token)
-            if delta or lp is not None:
-                yield _sse(frame(delta, lp, None))
-            if text.stopped:
-                finish = "stop"
-                break
-        last = frame(text.flush(), None, finish)
-        last["usage"] = gen.usage(result, n).model_dump()
-        last["kvfuse"] = gen.kvfuse_info(result, requested).model_dump()
-        yield _sse(last)
+        try:
+            async for event in events:
+                yield event
+        except Exception as exc:  # not a client gone away (GeneratorExit, cancellation): that ends the stream
+            yield _sse(gen.stream_error(exc, result.namespace))
         yield "data: [DONE]\n\n"
     finally:
         asyncio.get_running_loop().run_in_executor(None, task)
@@ -149,7 +160,8 @@ async def chat_completions(
         async def events() -> AsyncIterator[str]:
             role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
             yield _sse({**head, "choices": [role]})
-            async for event in _stream(state, result, params, stop, top, frame, requested):
+            tokens = _token_events(state, result, params, stop, top, frame, requested)
+            async for event in _stream(state, result, requested, tokens):
                 yield event
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -207,10 +219,8 @@ async def completions(
                 "choices": [{"index": 0, "text": delta, "finish_reason": finish, "logprobs": logprobs}],
             }
 
-        return StreamingResponse(
-            _stream(state, result, params, stop, body.logprobs, frame, requested),
-            media_type="text/event-stream",
-        )
+        tokens = _token_events(state, result, params, stop, body.logprobs, frame, requested)
+        return StreamingResponse(_stream(state, result, requested, tokens), media_type="text/event-stream")
     out = await run_in_threadpool(gen.generate_all, state, result, params, stop, body.logprobs)
     background.add_task(state.writeback_task(result, requested))
     return Completion(
