@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
+from transformers import PreTrainedModel
 
 from blending.decode import SamplingParams
 from blending.fused import FusedKV
@@ -18,7 +19,7 @@ from server import generation as gen
 from tests.server.conftest import chat
 
 INJECTED = "CUDA error: an illegal memory access was encountered"
-REQUESTS = {
+REQUESTS: dict[str, dict[str, object]] = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "Name three colours."}]},
     "/v1/completions": {"prompt": "Three colours are"},
 }
@@ -42,7 +43,7 @@ def test_a_mid_stream_error_ends_with_an_error_event(
 ) -> None:
     real = gen.generate_tokens
 
-    def failing(model: torch.nn.Module, fused: FusedKV, params: SamplingParams) -> Iterator[tuple[int, torch.Tensor]]:
+    def failing(model: PreTrainedModel, fused: FusedKV, params: SamplingParams) -> Iterator[tuple[int, torch.Tensor]]:
         # No request makes a healthy engine fail mid-decode (completions stay far inside the model's
         # positions), so the real decoder runs and, after its first token, fails as a device error would.
         steps = real(model, fused, params)
