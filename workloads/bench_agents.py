@@ -10,14 +10,13 @@ answer accuracy and fidelity (teacher-forced top-1 agreement, KL) per number of 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from blending.anchors import AnchorConfig
 from blending.calibration import Calibration
@@ -29,6 +28,7 @@ from blending.model import ModelSpec, load_model
 from blending.planner import PromptSegment
 from kvstore import StoreConfig, TieredStore
 from workloads.agents import agent_prompt_segments, check_answer, make_agent_tasks, make_pipeline
+from workloads.cli import Steps, bench_table, run_bench
 
 _KIND = {"prefix": "prefix", "shared": "chunk", "own": "text"}
 METHODS = ("auto", "anchor", "hybrid", "base", "blend", "naive")  # base: anchor mode without the deviation
@@ -36,7 +36,9 @@ METHODS = ("auto", "anchor", "hybrid", "base", "blend", "naive")  # base: anchor
 
 def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: int, fact_tokens: int,
         answer_tokens: int, seed: int, sheets: int | None = None, calibration: Calibration | None = None,
-        ) -> dict[str, Any]:
+        steps: Steps | None = None) -> dict[str, Any]:
+    """One pipeline of ``num_agents`` agents over ``tasks`` tasks; ``steps.done()`` after each agent call."""
+    steps = steps or Steps()
     loaded = load_model(ModelSpec())
     # One engine (store and anchor pool) per method, so no method learns from another's requests; the
     # guard stays off so nothing runs in the background between timed calls.
@@ -54,6 +56,7 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
     for t, task in enumerate(make_agent_tasks(tasks, seed=seed, fact_tokens=fact_tokens, sheets=sheets)):
         replies: list[str] = []
         for a in range(num_agents):
+            steps.now(f"{num_agents} agents: task {t + 1}/{tasks}, agent {a + 1}")
             segs = tuple(PromptSegment(s.text, _KIND[s.kind])  # type: ignore[arg-type]
                          for s in agent_prompt_segments(pipeline, a, task, replies))
             dense, answer = dense_answer(engine, PrefillRequest(segs), answer_tokens)
@@ -86,6 +89,7 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
                                      "ttft_ms": result.ttft_s * 1000,
                                      "ttft_ratio": result.ttft_s / dense.ttft_s, "agreement": fid.agreement,
                                      "kl": fid.kl, "final": float(final), "agent": float(a), "correct": correct})
+            steps.done()
     for eng in engines.values():
         eng.store.close()
     summary = {m: _summarize(r) for m, r in rows.items() if r}
@@ -110,7 +114,7 @@ def _summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
             "calls": len(rows)}
 
 
-def _plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,56 +132,51 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kvfuse bench agents", description=__doc__)
-    p.add_argument("--agents", default="2,3,5", help="comma-separated numbers of agents")
-    p.add_argument("--topology", choices=["chain", "full"], default="chain")
-    p.add_argument("--tasks", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2, help="tasks that only warm the anchor pool")
-    p.add_argument("--prefix-tokens", type=int, default=250)
-    p.add_argument("--fact-tokens", type=int, default=650)
-    p.add_argument("--answer-tokens", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sheets", type=int, help="recurring fact sheets: tasks ask new questions about this many")
-    p.add_argument("--calibration-prompts", type=int, default=8, help="built-in calibration prompts for auto")
-    p.add_argument("--calibration-from", type=Path, help="use the curve of an earlier --json report")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--plot", type=Path)
-    p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
-    a = p.parse_args(argv)
-    if a.quick:
-        a.agents, a.tasks, a.warmup, a.prefix_tokens, a.fact_tokens, a.answer_tokens = "2", 2, 1, 60, 80, 4
-        a.calibration_prompts = 1
+def calibrate(quick: bool, prompts: int, calibration_from: Path | None, steps: Steps) -> Calibration:
+    """auto's curve: from an earlier ``--json`` report (bench rag or agents), else measured now."""
     cal_engine = Engine(load_model(ModelSpec()), TieredStore.from_config(StoreConfig(cpu_bytes=1 << 30)),
                         EngineConfig(guard=GuardConfig(sample_rate=0.0)))
-    if a.calibration_from is not None:  # the curve of an earlier report (bench rag or agents)
-        saved = json.loads(a.calibration_from.read_text())["calibration"]
-        cal = Calibration(cal_engine.fingerprint, {float(r): v for r, v in saved["curve"].items()}, saved["samples"])
-    else:
-        with Console().status("calibrating auto on the built-in workload"):
-            cal = measure_curve(cal_engine, (0.15, 1.0) if a.quick else DEFAULT_RATIOS, prompts=a.calibration_prompts)
-    cal_engine.store.close()
-    Console(width=160).print(f"auto's calibration curve: {cal.as_dict()['curve']}")
-    results = [run(int(n), a.topology, a.tasks, a.warmup, a.prefix_tokens, a.fact_tokens, a.answer_tokens, a.seed,
-                   a.sheets, cal) for n in a.agents.split(",")]
-    sheets = f", {a.sheets} recurring fact sheets" if a.sheets else ""
-    table = Table(title=f"multi-agent reuse ({a.topology}{sheets}, after {a.warmup} warm-up tasks)")
-    cols = ("agents", "method", "reuse", "from cache", "TTFT/dense", "TTFT/dense reused", "agreement", "KL",
-            "accuracy")
-    for col in cols:
-        table.add_column(col, justify="right")
+    try:
+        if calibration_from is not None:
+            saved = json.loads(calibration_from.read_text())["calibration"]
+            return Calibration(cal_engine.fingerprint, {float(r): v for r, v in saved["curve"].items()},
+                               saved["samples"])
+        steps.begin(1, "calibrating auto on the built-in workload")
+        return measure_curve(cal_engine, (0.15, 1.0) if quick else DEFAULT_RATIOS, prompts=prompts)
+    finally:
+        cal_engine.store.close()
+
+
+def run_all(agent_counts: Sequence[int], topology: str, tasks: int, warmup: int, prefix_tokens: int,
+            fact_tokens: int, answer_tokens: int, seed: int, sheets: int | None, calibration: Calibration,
+            steps: Steps | None = None) -> list[dict[str, Any]]:
+    """:func:`run` for each number of agents, one progress bar over all their agent calls."""
+    steps = steps or Steps()
+    steps.begin(sum(agent_counts) * tasks)
+    return [run(n, topology, tasks, warmup, prefix_tokens, fact_tokens, answer_tokens, seed, sheets, calibration,
+                steps) for n in agent_counts]
+
+
+def render(results: list[dict[str, Any]], topology: str, warmup: int, sheets: int | None, cal: Calibration,
+           console: Console) -> None:
+    """One row per number of agents and method, and a legend."""
+    recurring = f", {sheets} recurring fact sheets" if sheets else ""
+    table = bench_table(f"multi-agent reuse ({topology}{recurring}, after {warmup} warm-up tasks)", "agents",
+                        ["method", "reuse", "from cache", "TTFT / dense", "TTFT / dense reused", "top-1 agree", "KL",
+                         "accuracy"], labels=2)
     for r in results:
         for m, s in r["methods"].items():
             table.add_row(str(r["agents"]), m, f"{s['reuse_rate']:.2f}", f"{s['cached_share']:.2f}",
-                          f"{s['ttft_ratio']:.3f}",
-                          f"{s['ttft_ratio_reused']:.3f}", f"{s['agreement']:.3f}", f"{s['kl']:.4f}",
-                          f"{s['accuracy']:.2f}")
-    Console(width=160).print(table)
-    if a.json:
-        a.json.write_text(json.dumps({"calibration": cal.as_dict(), "runs": results}, indent=2))
-    if a.plot:
-        _plot(results, a.plot)
-    return 0
+                          f"{s['ttft_ratio']:.3f}", f"{s['ttft_ratio_reused']:.3f}", f"{s['agreement']:.3f}",
+                          f"{max(s['kl'], 0.0):.4f}", f"{s['accuracy']:.2f}")
+    console.print(table)
+    console.print(f"auto's calibration curve: {cal.as_dict()['curve']}. reuse: share of calls served without a "
+                  "dense fallback; from cache: share of prompt tokens reused; accuracy: final answers correct.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workloads.bench_agents``: the ``kvfuse bench agents`` command."""
+    return run_bench("agents", argv)
 
 
 if __name__ == "__main__":

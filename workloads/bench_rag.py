@@ -4,7 +4,9 @@ Each example's documents are first computed in one order (as earlier traffic lea
 a new order. Every method runs on the same prompts, in the same pass as a dense prefill of the same
 tokens on a tenant whose cache the methods cannot hit. Reported per method: time to first token as
 the caller waits for it (store lookup included, no background work pending) and its ratio to dense,
-teacher-forced top-1 agreement and KL against dense over the dense answer, and answer accuracy.
+teacher-forced top-1 agreement and KL against dense over the dense answer, and answer accuracy (the
+method's own greedy answer, up to ``--accuracy-tokens`` tokens, contains the fact's answer: the model
+restates the question first, so an answer of a few tokens never reaches the fact).
 
 Techniques: naive reuse; CacheBlend (V deviation) over chunk KV computed in a real context (the write-back
 default) or after the system prefix only; query-aware selection (the tokens the prompt's last tokens
@@ -14,14 +16,13 @@ attend to); recompute of each chunk's first tokens (EPIC); anchor correction plu
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from blending.model import LoadedModel, ModelSpec, load_model
 from blending.planner import PromptSegment
 from blending.policy import PolicyConfig
 from kvstore import StoreConfig, TieredStore
+from workloads.cli import Steps, bench_table, run_bench
 from workloads.rag import SYSTEM_PROMPT, RagCorpus, RagExample, check_answer
 
 
@@ -94,7 +96,9 @@ class Harness:
         if any(m.variant == "anchor" for m in self.methods):
             self.warmer.prefill(PrefillRequest(segments, "anchor", "anchor"))
 
-    def run(self, example: RagExample, answer_tokens: int, rng: random.Random) -> dict[str, dict[str, Any]]:
+    def run(self, example: RagExample, answer_tokens: int, rng: random.Random, accuracy_tokens: int | None = None,
+            step: Callable[[str], None] = lambda _: None) -> dict[str, dict[str, Any]]:
+        """Every method on ``example`` in a new order; ``step(name)`` after each method."""
         self.warm(example_segments(self.loaded, example, list(range(len(example.documents)))))
         segments = example_segments(self.loaded, example, new_order(len(example.documents), rng))
         dense_s, dense = timed(self.reference, PrefillRequest(segments, "reference", "dense"), self.repeats)
@@ -106,7 +110,8 @@ class Harness:
             ns = "reference" if m.mode == "dense" else m.variant
             request = PrefillRequest(segments, ns, m.mode, m.ratio)  # type: ignore[arg-type]
             took, result = timed(engine, request, self.repeats)
-            text = str(self.loaded.tokenizer.decode(greedy_answer(engine, result, answer_tokens).tolist()))
+            said = greedy_answer(engine, result, accuracy_tokens or answer_tokens)
+            text = str(self.loaded.tokenizer.decode(said.tolist()))
             fid = fidelity(engine, result, reference, answer)
             s = result.fused.stats
             rows[m.name] = {"ttft_s": took, "dense_ttft_s": dense_s, "agreement": fid.agreement, "kl": fid.kl,
@@ -114,6 +119,7 @@ class Harness:
                             "reused": s.reused_tokens + s.exact_tokens, "prompt": s.total_tokens,
                             "approximate": float(result.mode in ("blend", "naive", "hybrid", "anchor")),
                             "mode": result.mode}
+            step(m.name)
         if "dense" in rows:  # the denominator: the faster of the two dense runs of this pass
             best = min(dense_s, rows["dense"]["ttft_s"])
             for row in rows.values():
@@ -139,6 +145,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {"ttft_ms": mean("ttft_s") * 1000,
             "ttft_ratio": statistics.fmean(r["ttft_s"] / r["dense_ttft_s"] for r in rows),
             "agreement": mean("agreement"), "kl": mean("kl"), "accuracy": mean("correct"),
+            "correct": sum(int(r["correct"]) for r in rows),
             "recomputed_tokens": mean("recomputed"), "reused_share": statistics.fmean(
                 r["reused"] / r["prompt"] for r in rows), "approximate_share": mean("approximate"),
             "prompt_tokens": mean("prompt"), "n": len(rows)}
@@ -168,13 +175,25 @@ def run_long(loaded: LoadedModel, store: TieredStore, corpus: RagCorpus, tokens:
     return out
 
 
+COLUMNS = {"prompt_tokens": "prompt tokens", "ttft_ratio": "TTFT / dense", "ttft_ms": "TTFT ms",
+           "agreement": "top-1 agree", "kl": "KL", "correct": "correct", "reused_share": "from cache",
+           "approximate_share": "approx"}
+
+
 def table(title: str, rows: dict[str, dict[str, float]], cols: list[str]) -> Table:
-    t = Table(title=title)
-    t.add_column("method", no_wrap=True)
-    for c in cols:
-        t.add_column(c.replace("_", " "), justify="right")
+    """One row per method (names never cut); ``correct`` is shown as correct answers / prompts."""
+    t = bench_table(title, "method", [COLUMNS.get(c, c.replace("_", " ")) for c in cols])
+
+    def cell(row: dict[str, float], c: str) -> str:
+        if c == "correct":
+            return f"{int(row['correct'])}/{int(row['n'])}"
+        value = row.get(c)
+        if c in ("prompt_tokens", "ttft_ms") and isinstance(value, float | int):
+            return f"{value:.0f}"
+        return f"{value:.3f}".replace("-0.000", "0.000") if isinstance(value, float | int) else "-"
+
     for name, row in rows.items():
-        t.add_row(name, *(f"{row[c]:.3f}" if isinstance(row.get(c), float | int) else "-" for c in cols))
+        t.add_row(name, *(cell(row, c) for c in cols))
     return t
 
 
@@ -198,87 +217,112 @@ def plot(quality: dict[str, dict[str, float]], path: Path, target: float) -> Non
     fig.savefig(path, dpi=120)
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kvfuse bench rag", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--examples", type=int, default=10, help="prompts per method")
-    p.add_argument("--docs", type=int, default=6, help="documents per prompt")
-    p.add_argument("--doc-tokens", type=int, default=140, help="approximate tokens per document")
-    p.add_argument("--answer-tokens", type=int, default=10, help="answer tokens compared with dense")
-    p.add_argument("--fidelity-target", type=float, default=0.95, help="auto's agreement target")
-    p.add_argument("--calibration-prompts", type=int, default=8, help="built-in calibration prompts for auto")
-    p.add_argument("--long-tokens", type=int, default=0, help="also time blending at this context length")
-    p.add_argument("--seed", type=int, default=0, help="corpus and order seed")
-    p.add_argument("--json", type=Path, default=None, help="write the report here")
-    p.add_argument("--plot", type=Path, default=None, help="write the frontier figure (PNG) here")
-    p.add_argument("--calibration-from", type=Path, default=None,
-                   help="use the curve of an earlier --json report instead of measuring one")
-    p.add_argument("--only", default=None, help="comma-separated method names to run (dense always runs)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per method and prompt (the best counts)")
-    p.add_argument("--quick", action="store_true", help="a tiny run for smoke tests (figures are not meaningful)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.examples, args.docs, args.doc_tokens, args.answer_tokens = 1, 3, 40, 4
-        args.calibration_prompts, args.long_tokens = 1, min(args.long_tokens, 300)
-    return args
+@dataclass(frozen=True)
+class RagOptions:
+    """What ``kvfuse bench rag`` runs (its options; see ``kvfuse bench rag --help``)."""
+
+    examples: int = 10
+    docs: int = 6
+    doc_tokens: int = 140
+    answer_tokens: int = 10
+    accuracy_tokens: int = 24
+    fidelity_target: float = 0.95
+    calibration_prompts: int = 8
+    long_tokens: int = 0
+    seed: int = 0
+    calibration_from: Path | None = None
+    only: list[str] | None = None
+    repeats: int = 2
+    quick: bool = False
+
+    def effective(self) -> RagOptions:
+        """With ``quick``: 3 prompts of 3 short documents, 4 fidelity tokens, 1 calibration prompt, 1 timed run."""
+        if not self.quick:
+            return self
+        return replace(self, examples=3, docs=3, doc_tokens=40, answer_tokens=4, calibration_prompts=1, repeats=1,
+                       long_tokens=min(self.long_tokens, 300))
+
+
+def _calibrate(auto: Engine, opts: RagOptions, steps: Steps) -> dict[str, Any]:
+    if opts.calibration_from is not None:
+        saved = json.loads(opts.calibration_from.read_text())["calibration"]
+        cal = Calibration(auto.fingerprint, {float(r): a for r, a in saved["curve"].items()}, saved["samples"])
+        auto.set_calibration(cal)
+        return {**cal.as_dict(), "from": str(opts.calibration_from)}
+    t0 = time.perf_counter()
+    steps.now("calibrating auto on the built-in workload")
+    cal = measure_curve(auto, (0.15, 1.0) if opts.quick else DEFAULT_RATIOS, prompts=opts.calibration_prompts,
+                        docs=opts.docs, seed=99)
+    auto.set_calibration(cal)
+    return {**cal.as_dict(), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run(options: RagOptions, steps: Steps | None = None) -> dict[str, Any]:
+    """The whole benchmark: the JSON report (``quality`` per method, ``modes``, ``calibration``, and with
+    ``long_tokens`` ``long_context``)."""
+    opts, steps = options.effective(), steps or Steps()
+    loaded = load_model(ModelSpec())
+    ms = methods(opts.quick)
+    if opts.only:
+        keep = {n.strip() for n in opts.only} | {"dense"}
+        ms = [m for m in ms if m.name in keep]
+    report: dict[str, Any] = {"model": loaded.name, "examples": opts.examples, "docs": opts.docs,
+                              "doc_tokens": opts.doc_tokens, "answer_tokens": opts.answer_tokens,
+                              "accuracy_tokens": opts.accuracy_tokens, "fidelity_target": opts.fidelity_target}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = TieredStore.from_config(StoreConfig(cpu_bytes=6 << 30, ssd_dir=tmp, ssd_bytes=8 << 30))
+        harness = Harness(loaded, store, ms, opts.fidelity_target, opts.repeats)
+        steps.begin(opts.examples * len(ms) + (1 if "auto" in harness.engines else 0) + bool(opts.long_tokens))
+        if "auto" in harness.engines:
+            report["calibration"] = _calibrate(harness.engines["auto"], opts, steps)
+            steps.done()
+        corpus = RagCorpus.build(max(40, opts.docs * 6), doc_tokens=opts.doc_tokens, seed=opts.seed)
+        rng = random.Random(opts.seed)
+        examples = [corpus.sample_example(opts.docs, rng) for _ in range(opts.examples)]
+        rows: dict[str, list[dict[str, Any]]] = {m.name: [] for m in ms}
+        modes: dict[str, dict[str, int]] = {m.name: {} for m in ms}
+        for i, example in enumerate(examples):
+            steps.now(f"prompt {i + 1}/{len(examples)}")
+
+            def step(name: str, i: int = i) -> None:
+                steps.done()
+                steps.now(f"prompt {i + 1}/{len(examples)}, after {name}")
+
+            for name, row in harness.run(example, opts.answer_tokens, rng, opts.accuracy_tokens, step).items():
+                modes[name][str(row["mode"])] = modes[name].get(str(row["mode"]), 0) + 1
+                rows[name].append(row)
+        report["quality"] = {name: summarize(r) for name, r in rows.items()}
+        report["modes"] = modes
+        if opts.long_tokens:
+            steps.now(f"TTFT at ~{opts.long_tokens} tokens")
+            long_corpus = RagCorpus.build(max(48, opts.long_tokens // opts.doc_tokens + 8),
+                                          doc_tokens=opts.doc_tokens, seed=opts.seed + 1)
+            report["long_context"] = run_long(loaded, store, long_corpus, opts.long_tokens, [0.15, 0.3], 2)
+            report["long_tokens"] = opts.long_tokens
+            steps.done()
+        store.close()
+    return report
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    """The quality table, a legend, and the long-context table when there is one."""
+    if "calibration" in report:
+        console.print(f"auto's calibration curve: {report['calibration']['curve']}")
+    console.print(table("RAG: documents in a new order, vs dense (same pass)", report["quality"],
+                        ["prompt_tokens", "ttft_ratio", "agreement", "kl", "correct", "reused_share",
+                         "approximate_share"]))
+    console.print(f"top-1 agree, KL: teacher-forced against dense over its {report['answer_tokens']}-token answer; "
+                  f"correct: answers (up to {report['accuracy_tokens']} tokens) containing the fact, of "
+                  f"{report['examples']} prompts; from cache: share of prompt tokens reused; approx: share of "
+                  "prompts served by an approximate mode.")
+    if "long_context" in report:
+        console.print(table(f"TTFT at ~{report['long_tokens']} tokens", report["long_context"],
+                            ["prompt_tokens", "ttft_ms", "ttft_ratio"]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    console = Console() if sys.stdout.isatty() else Console(width=160)
-    loaded = load_model(ModelSpec())
-    ms = methods(args.quick)
-    if args.only:
-        keep = {n.strip() for n in args.only.split(",")} | {"dense"}
-        ms = [m for m in ms if m.name in keep]
-    report: dict[str, Any] = {"model": loaded.name, "examples": args.examples, "docs": args.docs,
-                              "doc_tokens": args.doc_tokens, "fidelity_target": args.fidelity_target}
-    with tempfile.TemporaryDirectory() as tmp:
-        store = TieredStore.from_config(StoreConfig(cpu_bytes=6 << 30, ssd_dir=tmp, ssd_bytes=8 << 30))
-        harness = Harness(loaded, store, ms, args.fidelity_target, args.repeats)
-        auto = harness.engines.get("auto")
-        if auto is not None and args.calibration_from is not None:
-            saved = json.loads(args.calibration_from.read_text())["calibration"]
-            cal = Calibration(auto.fingerprint, {float(r): a for r, a in saved["curve"].items()}, saved["samples"])
-            auto.set_calibration(cal)
-            report["calibration"] = {**cal.as_dict(), "from": str(args.calibration_from)}
-        elif auto is not None:
-            ratios = (0.15, 1.0) if args.quick else DEFAULT_RATIOS
-            t0 = time.perf_counter()
-            with console.status("calibrating auto on the built-in workload"):
-                cal = measure_curve(auto, ratios, prompts=args.calibration_prompts, docs=args.docs, seed=99)
-            auto.set_calibration(cal)
-            report["calibration"] = {**cal.as_dict(), "seconds": round(time.perf_counter() - t0, 1)}
-            console.print(f"calibration curve: {cal.as_dict()['curve']}")
-        corpus = RagCorpus.build(max(40, args.docs * 6), doc_tokens=args.doc_tokens, seed=args.seed)
-        rng = random.Random(args.seed)
-        examples = [corpus.sample_example(args.docs, rng) for _ in range(args.examples)]
-        rows: dict[str, list[dict[str, Any]]] = {m.name: [] for m in ms}
-        modes: dict[str, dict[str, int]] = {m.name: {} for m in ms}
-        with console.status("running") as status:
-            for i, example in enumerate(examples):
-                status.update(f"example {i + 1}/{len(examples)}")
-                for name, row in harness.run(example, args.answer_tokens, rng).items():
-                    modes[name][str(row["mode"])] = modes[name].get(str(row["mode"]), 0) + 1
-                    rows[name].append(row)
-        quality = {name: summarize(r) for name, r in rows.items()}
-        report["quality"] = quality
-        report["modes"] = modes
-        console.print(table("RAG: documents in a new order, vs dense (same pass)", quality,
-                            ["prompt_tokens", "ttft_ratio", "agreement", "kl", "accuracy", "reused_share",
-                             "approximate_share"]))
-        if args.long_tokens:
-            long_corpus = RagCorpus.build(max(48, args.long_tokens // args.doc_tokens + 8),
-                                          doc_tokens=args.doc_tokens, seed=args.seed + 1)
-            report["long_context"] = run_long(loaded, store, long_corpus, args.long_tokens, [0.15, 0.3], 2)
-            console.print(table(f"TTFT at ~{args.long_tokens} tokens", report["long_context"],
-                                ["prompt_tokens", "ttft_ms", "ttft_ratio"]))
-        store.close()
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    if args.plot:
-        plot(report["quality"], args.plot, args.fidelity_target)
-    return 0
+    """``python -m workloads.bench_rag``: the ``kvfuse bench rag`` command."""
+    return run_bench("rag", argv)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ Each request carries ``--docs`` documents drawn from a warmed pool in a shuffled
 blending cached chunks at new positions (not a prefix hit). Dense requests neither read nor write the
 cache. Targets: 1 MB blob GET >= 300 MB/s; a short chat beside a long request <= 10x its idle latency.
 
-    python -m workloads.bench_server [--quick] [--json out.json] [--clients 1,8,32] [--requests N]
-                                     [--long-tokens 3500] [--chunk-tokens 64]
+    kvfuse bench server [--quick] [--json out.json] [--clients 1,8,32] [--requests N]
+                        [--long-tokens 3500] [--chunk-tokens 64]
+    python -m workloads.bench_server ...   (the same command)
 """
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -42,6 +42,7 @@ from kvstore.codec import encode
 from server.app import create_app
 from server.config import Limits, Settings
 from server.embedded import BackgroundServer
+from workloads.cli import Steps, bench_table, run_bench
 
 TARGET_GET_MB_S = 300.0
 TARGET_HOL_RATIO = 10.0  # a short request beside a long one, over its idle latency
@@ -264,9 +265,11 @@ def bench_head_of_line(url: str, continuation: str, idle_requests: int) -> dict[
 def run(
     clients: Sequence[int], requests: int | None, *, quick: bool, blob_bytes: int, blob_iters: int,
     docs: int, doc_words: int, pool_size: int, threads: int | None, long_tokens: int = 3500,
-    chunk_tokens: int = 64,
+    chunk_tokens: int = 64, steps: Steps | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Start the service in-process, run the blob and chat benchmarks, stop it."""
+    steps = steps or Steps()
+    steps.begin(3 + 2 * len(clients))
     if threads:
         torch.set_num_threads(threads)
     loaded = load_model(ModelSpec())
@@ -277,24 +280,32 @@ def run(
         limits = Limits(max_body_bytes=max(64 << 20, 2 * blob_bytes), max_documents=max(64, pool_size))
         settings = Settings(data_dir=Path(work), limits=limits)
         with BackgroundServer(create_app(engine, settings)) as server:
+            steps.now(f"blob PUT/GET x{blob_iters}")
             blobs = bench_blobs(server.url, engine, blob_bytes, blob_iters)
+            steps.done()
+            steps.now(f"warming {pool_size} documents")
             pool = make_documents(pool_size, doc_words)
             httpx.post(f"{server.url}/v1/chunks", json={"texts": pool}, timeout=600).raise_for_status()
+            steps.done()
             chat = []
             for i, c in enumerate(clients):
                 n = requests or (c if quick else max(8, c))
                 row: dict[str, Any] = {"clients": c, "requests": n}
                 for mode, label in (("dense", "dense"), ("auto", "reuse")):
+                    steps.now(f"chat TTFT, {c} clients, {label}")
                     row[label] = bench_chat(server.url, pool, c, n, mode, docs, seed=i)
+                    steps.done()
                 row["ratio_p50"] = row["reuse"]["p50_ms"] / row["dense"]["p50_ms"]
                 row["ratio_p99"] = row["reuse"]["p99_ms"] / row["dense"]["p99_ms"]
                 chat.append(row)
         hol_limits = Limits(max_prompt_tokens=max(8192, long_tokens + 64), max_completion_tokens=16)
         hol_settings = Settings(data_dir=Path(work), limits=hol_limits, api_keys=HOL_KEYS,
                                 prefill_chunk_tokens=chunk_tokens)  # fmt: skip
+        steps.now("head-of-line: short chats beside a long request")
         with BackgroundServer(create_app(engine, hol_settings)) as server:
             hol = bench_head_of_line(server.url, long_text(engine, long_tokens), 3 if quick else 8)
             hol["chunk_tokens"] = chunk_tokens
+        steps.done()
     finally:
         store.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -303,16 +314,14 @@ def run(
     return {"meta": meta, "blob": blobs, "chat": chat, "head_of_line": hol}
 
 
-def print_report(report: dict[str, Any]) -> None:
-    """Rich tables: blob throughput, and TTFT per concurrency (dense vs reuse, ratio reuse/dense)."""
+def print_report(report: dict[str, Any], console: Any = None) -> None:
+    """Rich tables that fit 80 columns: blob throughput, TTFT per concurrency (dense vs reuse, ratio
+    reuse/dense), and head-of-line latency."""
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console(width=max(120, shutil.get_terminal_size().columns))
+    console = console or Console()
     b = report["blob"]
-    blob = Table(title=f"kvfuse server: {b['bytes'] / 1e6:.2f} MB blobs")
-    for col in ("op", "MB/s", "p50 ms", "p99 ms", "n"):
-        blob.add_column(col, justify="right")
+    blob = bench_table(f"kvfuse server: {b['bytes'] / 1e6:.2f} MB blobs", "op", ["MB/s", "p50 ms", "p99 ms", "n"])
     for op in ("put", "get", "get_concurrent"):
         s = b[op]
         name = f"get x{s['clients']}" if op == "get_concurrent" else op
@@ -320,10 +329,9 @@ def print_report(report: dict[str, Any]) -> None:
     console.print(blob)
     ok = "[green]ok[/]" if b["target_ok"] else "[red]below target[/]"
     console.print(f"GET target >= {b['target_get_mb_s']:.0f} MB/s: {ok}")
-    chat = Table(title="kvfuse server: chat TTFT (client-measured, ms)")
-    for col in ("clients", "requests", "dense p50", "dense p99", "reuse p50", "reuse p99", "ratio p50",
-                "ratio p99", "cached tok", "prompt tok"):  # fmt: skip
-        chat.add_column(col, justify="right")
+    chat = bench_table("kvfuse server: chat TTFT (client-measured, ms)", "clients",
+                       ["requests", "dense p50", "dense p99", "reuse p50", "reuse p99", "ratio p50", "ratio p99",
+                        "cached tok", "prompt tok"], header_width=6)  # fmt: skip
     for r in report["chat"]:
         d, u = r["dense"], r["reuse"]
         chat.add_row(str(r["clients"]), str(r["requests"]), f"{d['p50_ms']:.0f}", f"{d['p99_ms']:.0f}",
@@ -331,10 +339,9 @@ def print_report(report: dict[str, Any]) -> None:
                      f"{u['cached_tokens_mean']:.0f}", f"{u['prompt_tokens_mean']:.0f}")  # fmt: skip
     console.print(chat)
     h = report["head_of_line"]
-    hol = Table(title=f"kvfuse server: 2-token chat beside another tenant's {h['long_tokens']}-token /v1/logprobs "
-                      f"({h['long_ms'] / 1000:.1f} s; chunks of {h['chunk_tokens']} tokens), ms")  # fmt: skip
-    for col in ("", "p50", "p99", "max", "n", "/ idle p50"):
-        hol.add_column(col, justify="right")
+    title = (f"kvfuse server: 2-token chat beside another tenant's {h['long_tokens']}-token /v1/logprobs "
+             f"({h['long_ms'] / 1000:.1f} s; chunks of {h['chunk_tokens']} tokens), ms")  # fmt: skip
+    hol = bench_table(title, "", ["p50", "p99", "max", "n", "/ idle p50"])
     i, b = h["idle"], h["busy"]
     hol.add_row("idle", f"{i['p50_ms']:.0f}", f"{i['p99_ms']:.0f}", "", "", "1.0")
     hol.add_row("beside the long request", f"{b['p50_ms']:.0f}", f"{b['p99_ms']:.0f}", f"{b['max_ms']:.0f}",
@@ -345,41 +352,8 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvfuse bench server", description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", default=None, help="concurrency levels, comma separated [1,8,32]")
-    parser.add_argument("--requests", type=int, default=None, help="requests per level and mode")
-    parser.add_argument("--docs", type=int, default=None, help="documents per request [4]")
-    parser.add_argument("--doc-words", type=int, default=None, help="words per document [60]")
-    parser.add_argument("--blob-mb", type=float, default=1.0, help="blob size in MB [1]")
-    parser.add_argument("--blob-iters", type=int, default=None, help="blobs per op [50]")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--long-tokens", type=int, default=None, help="head-of-line: long continuation [3500]")
-    parser.add_argument("--chunk-tokens", type=int, default=64, help="prefill_chunk_tokens of the service [64]")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--quick", action="store_true", help="small smoke run (1 and 4 clients)")
-    args = parser.parse_args(argv)
-    default_clients = "1,4" if args.quick else "1,8,32"
-    clients = [int(c) for c in (args.clients or default_clients).split(",") if c.strip()]
-    if not clients or min(clients) < 1:
-        parser.error("--clients must list positive integers")
-    report = run(
-        clients,
-        args.requests,
-        quick=args.quick,
-        blob_bytes=int(args.blob_mb * 1e6),
-        blob_iters=args.blob_iters or (8 if args.quick else 50),
-        docs=args.docs or (2 if args.quick else 4),
-        doc_words=args.doc_words or (20 if args.quick else 60),
-        pool_size=8 if args.quick else 16,
-        threads=args.threads,
-        long_tokens=args.long_tokens or (400 if args.quick else 3500),
-        chunk_tokens=args.chunk_tokens,
-    )
-    print_report(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+    """``python -m workloads.bench_server``: the ``kvfuse bench server`` command."""
+    return run_bench("server", argv)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ no peer column: no number is shown that was not measured in this run.
 For SSD and Redis it also prefetches the stored blobs into a CPU tier above (``TieredStore.prefetch``)
 and reports the CPU-tier get that follows.
 
-    python -m workloads.bench_store [--quick] [--peer lmcache] [--json out.json] [--redis-url URL] [--ssd-dir DIR]
+    kvfuse bench store [--quick] [--peer lmcache] [--json out.json] [--redis-url URL] [--ssd-dir DIR]
+    python -m workloads.bench_store ...   (the same command)
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
@@ -38,6 +38,7 @@ from kvstore.redis_local import LocalRedis, redis_server_binary
 from kvstore.tiers.ssd import FsyncPolicy
 from workloads import bench_store_lmcache as peer_mod
 from workloads.bench_store_raw import RawMedium, drop_page_cache
+from workloads.cli import Steps, bench_table, run_bench
 
 
 @dataclass(frozen=True)
@@ -220,8 +221,11 @@ def run(
     fsync: str = "always",
     ssd_cache: str = "cold",
     peer: str = "none",
+    steps: Steps | None = None,
 ) -> dict[str, Any]:
-    """Benchmark ``tiers`` on blobs of ``sizes``; starts a local redis-server when none is given."""
+    """Benchmark ``tiers`` on blobs of ``sizes``; starts a local redis-server when none is given; ``steps``
+    follows the (size, tier) runs."""
+    steps = steps or Steps()
     unknown = [s for s in sizes if s not in SIZES] + [t for t in tiers if t not in TIERS]
     if unknown or peer not in PEERS:
         raise ValueError(f"unknown sizes/tiers/peer: {unknown or peer}; sizes: {sorted(SIZES)}, tiers: {TIERS}")
@@ -249,10 +253,13 @@ def run(
         work = tempfile.mkdtemp(prefix="run-", dir=directory)
         stack.callback(shutil.rmtree, work, True)
         where = {"ssd_dir": work, "fsync": fsync, "redis_url": redis_url}
+        steps.begin(len(sizes) * len(tiers))
         for size in sizes:
             for kind in tiers:
+                steps.now(f"{size} {kind}")
                 cold = ssd_cache == "cold"
                 results.append(bench_one(kind, size, SIZES[size], iterations, warmup, cold, peer, **where))
+                steps.done()
     if peer_version and fsync == "always":
         notes.append("LMCache never fsyncs: compare SSD with --fsync never for the same durability")
     return {
@@ -272,51 +279,45 @@ def run(
     }
 
 
-def render(report: dict[str, Any]) -> None:
-    """Print the results as a rich table."""
+def _gbps(side: dict[str, float]) -> str:
+    return f"{side['gbps']:.2f}"
+
+
+def _ratio_cell(x: float, floor: float) -> str:
+    return f"[green]{x:.2f}[/]" if x >= floor else f"[red]{x:.2f}[/]"
+
+
+def render(report: dict[str, Any], console: Any = None) -> None:
+    """Print the results as rich tables that fit 80 columns: throughput against the raw medium, latency
+    and prefetch, and (with a measured peer) against LMCache."""
     from rich.console import Console
-    from rich.table import Table
 
-    peer = report["meta"]["peer"]
-    title = "kvfuse store tiers vs raw medium" + (f" and {peer}" if peer else "") + " (GB/s; ms p50/p99)"
-    table = Table(title=title)
-    cols = ["size", "tier", "put", "raw put", "×raw", "get", "raw get", "×raw"]
-    if peer:
-        cols += ["LMCache put", "×LMC", "LMCache get", "×LMC"]
-    cols += ["prefetch → cpu get", "put ms", "get ms"]
-    for col in cols:
-        table.add_column(col, justify="right" if col not in ("size", "tier") else "left")
-
-    def ok(x: float, floor: float) -> str:
-        return f"[green]{x:.2f}[/]" if x >= floor else f"[red]{x:.2f}[/]"
-
-    for r in report["results"]:
-        zc = " (view)" if r["zero_copy_get"] else ""
-        row = [
-            f"{r['size']} ({r['bytes'] / 1e6:.1f} MB)",
-            r["tier"],
-            f"{r['put']['gbps']:.2f}",
-            f"{r['raw']['put']['gbps']:.2f}",
-            ok(r["ratio_vs_raw"]["put"], FLOOR),
-            f"{r['get']['gbps']:.2f}{zc}",
-            f"{r['raw']['get']['gbps']:.2f}",
-            ok(r["ratio_vs_raw"]["get"], FLOOR),
-        ]
-        if peer:
-            lm, ratio = r["lmcache"], r["ratio_vs_lmcache"]
-            row += [f"{lm['put']['gbps']:.2f}", ok(ratio["put"], 1.0)]
-            row += [f"{lm['get']['gbps']:.2f}", ok(ratio["get"], 1.0)]
+    console = console or Console()
+    results, peer = report["results"], report["meta"]["peer"]
+    sizes = {r["size"]: f"{r['bytes'] / 1e6:.1f} MB" for r in results}
+    put_get = ["put", "raw put", "×raw", "get", "raw get", "×raw"]
+    tput = bench_table("kvfuse store tiers vs the raw medium, GB/s", "size", ["tier", *put_get], labels=2)
+    lat = bench_table("latency, ms; prefetch into a CPU tier then CPU get, GB/s", "size",
+                      ["tier", "put p50/p99", "get p50/p99", "prefetch → get"], labels=2)
+    vs_peer = bench_table(f"store tiers vs {peer}, GB/s", "size", ["tier", "LMCache backend", *put_get[:1],
+                          "LMCache put", "×LMC", "get", "LMCache get", "×LMC"], labels=2)
+    for r in results:
+        label, zc = (r["size"], r["tier"]), "*" if r["zero_copy_get"] else ""
+        ratio, raw = r["ratio_vs_raw"], r["raw"]
+        tput.add_row(*label, _gbps(r["put"]), _gbps(raw["put"]), _ratio_cell(ratio["put"], FLOOR),
+                     _gbps(r["get"]) + zc, _gbps(raw["get"]), _ratio_cell(ratio["get"], FLOOR))
         pf = r["prefetch"]
-        row.append("-" if pf is None else f"{pf['prefetch']['gbps']:.2f} → {pf['cpu_get']['gbps']:.0f}")
-        row += [
-            f"{r['put']['p50_ms']:.1f}/{r['put']['p99_ms']:.1f}",
-            f"{r['get']['p50_ms']:.1f}/{r['get']['p99_ms']:.1f}",
-        ]
-        table.add_row(*row)
-    console = Console(width=max(170, shutil.get_terminal_size().columns))
-    console.print(table)
+        lat.add_row(*label, *(f"{r[op]['p50_ms']:.1f}/{r[op]['p99_ms']:.1f}" for op in ("put", "get")),
+                    "-" if pf is None else f"{_gbps(pf['prefetch'])} → {pf['cpu_get']['gbps']:.0f}")
+        if peer:
+            lm, vs = r["lmcache"], r["ratio_vs_lmcache"]
+            vs_peer.add_row(*label, lm["backend"], _gbps(r["put"]), _gbps(lm["put"]), _ratio_cell(vs["put"], 1.0),
+                            _gbps(r["get"]) + zc, _gbps(lm["get"]), _ratio_cell(vs["get"], 1.0))
+    for table in (tput, lat, vs_peer) if peer else (tput, lat):
+        console.print(table)
+    console.print("sizes: " + ", ".join(f"{name} = {mb}" for name, mb in sizes.items()) + f"; ×raw floor {FLOOR}")
     console.print(
-        "CPU tier get is zero-copy (returns views of its arena); raw CPU = memcpy into/out of warm memory. "
+        "* CPU tier get is zero-copy (returns views of its arena); raw CPU = memcpy into/out of warm memory. "
         "Prefetch: the blob promoted from SSD/Redis into a CPU tier, then that CPU-tier get."
     )
     if peer:
@@ -326,44 +327,8 @@ def render(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvfuse bench store", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=f"comma list of {sorted(SIZES)}")
-    parser.add_argument("--tiers", default=",".join(TIERS), help="comma list of cpu,ssd,redis")
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--redis-url", default=None, help="benchmark this server (default: start one)")
-    parser.add_argument("--ssd-dir", default=None, help="directory on the disk to test (default: a temp dir)")
-    parser.add_argument("--fsync", choices=("always", "never"), default="always")
-    parser.add_argument(
-        "--ssd-cache",
-        choices=("cold", "warm"),
-        default="cold",
-        help="cold: SSD reads start with the file dropped from the page cache (reads hit the device)",
-    )
-    parser.add_argument("--peer", choices=PEERS, default="none", help="also measure LMCache's backends (if importable)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--quick", action="store_true", help="tiny blobs, 3 iterations (smoke test)")
-    args = parser.parse_args(argv)
-    sizes = list(QUICK_SIZES) if args.quick else args.sizes.split(",")
-    iterations, warmup = (3, 1) if args.quick else (args.iterations, args.warmup)
-    report = run(
-        sizes,
-        args.tiers.split(","),
-        iterations,
-        warmup=warmup,
-        redis_url=args.redis_url,
-        ssd_dir=args.ssd_dir,
-        fsync=args.fsync,
-        ssd_cache=args.ssd_cache,
-        peer=args.peer,
-    )
-    render(report)
-    if args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+    """``python -m workloads.bench_store``: the ``kvfuse bench store`` command."""
+    return run_bench("store", argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Smoke test of the service benchmark: a --quick run reports the documented JSON shape."""
+"""Smoke test of the service benchmark: a --quick run (``python -m workloads.bench_server``, the typer command)
+reports the documented JSON shape in tables that fit 80 columns."""
 
 from __future__ import annotations
 
@@ -36,3 +37,5 @@ def test_quick_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert hol["target_ratio"] == 10 and hol["chunk_tokens"] == 64
     printed = capsys.readouterr().out
     assert "MB blobs" in printed and "chat TTFT" in printed and "beside another tenant" in printed
+    assert "beside the long request" in printed and "…" not in printed  # labels are never cut
+    assert max(map(len, printed.splitlines())) <= 80
