@@ -204,7 +204,7 @@ class BudgetedTier(Tier):
         size = self._sizes.pop(key, None)
         if size is not None:
             self._used -= size
-            self._policy.remove(key)
+        self._policy.remove(key)  # always: a key the policy names but the index lacks must not be named again
         return size
 
     def _evict_locked(self, room: int = 0) -> list[ChunkKey]:

@@ -90,6 +90,8 @@ class RedisTier(BudgetedTier):
         self._cad = CompareAndDelete(self.client)
         self._io_threads = io_threads
         self._buffers = HostArena(read_buffer_bytes)  # striped reads land in warm, reused memory
+        self._writes = 0  # counts accounted writes; _written[key] is the count at key's latest write
+        self._written: dict[ChunkKey, int] = {}
 
     def main_key(self, key: ChunkKey) -> bytes:
         """The Redis key holding ``key``'s blob or manifest."""
@@ -133,15 +135,23 @@ class RedisTier(BudgetedTier):
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
         start = time.perf_counter()
+        out, nbytes = self._read_many(keys)
+        hits = sum(c is not None for c in out)
+        self.stats.record_get(hits, len(out) - hits, nbytes, time.perf_counter() - start)
+        return out
+
+    def _read_many(self, keys: Sequence[ChunkKey]) -> tuple[list[KVChunk | None], int]:
+        """The blobs of ``keys`` (``None``: a miss) and the bytes read, without counting a get."""
         out: list[KVChunk | None] = [None] * len(keys)
         nbytes = 0
+        writes_before = self._writes  # a miss must not unaccount a put that lands after this read
         with translate_errors(self.client, "get", self.stats):
             values = self._mget([self.main_key(k) for k in keys]) if keys else []
             jobs: list[StripedRead] = []
             for i, (key, value) in enumerate(zip(keys, values, strict=True)):
                 try:
                     if value is None:
-                        self._forget(key)
+                        self._forget(key, unless_written_after=writes_before)
                     elif value[: len(MAGIC)] == MAGIC:
                         out[i] = decode(value)
                         nbytes += len(value)
@@ -178,11 +188,9 @@ class RedisTier(BudgetedTier):
                 self._drop_corrupt(job.key, exc, job.value, job.names)
         with self._lock:
             for key, chunk in zip(keys, out, strict=True):
-                if chunk is not None:
+                if chunk is not None and key in self._sizes:
                     self._policy.touch(key)
-        hits = sum(c is not None for c in out)
-        self.stats.record_get(hits, len(out) - hits, nbytes, time.perf_counter() - start)
-        return out
+        return out, nbytes
 
     # -- writes ---------------------------------------------------------------------------------------
     def _delete_remote(self, key: ChunkKey) -> bool:
@@ -308,23 +316,37 @@ class RedisTier(BudgetedTier):
     def _account(self, sizes: dict[ChunkKey, int]) -> list[ChunkKey]:
         """Track newly written blobs; returns the keys to evict to stay within budget."""
         with self._lock:
-            return [victim for key, size in sizes.items() for victim in self._account_locked(key, size)]
+            victims = [victim for key, size in sizes.items() for victim in self._account_locked(key, size)]
+            self._writes += 1
+            for key in sizes:
+                if key in self._sizes:
+                    self._written[key] = self._writes
+            return victims
 
     def _evict(self, victims: list[ChunkKey]) -> list[Evicted]:
         if not victims:
             return []
         evicted: list[Evicted] = []
-        if self.collect_evicted:
-            chunks = self.get_many(victims)
+        if self.collect_evicted:  # a demotion, not a get: not counted as hits
+            chunks, _ = self._read_many(victims)
             evicted = [(k, c) for k, c in zip(victims, chunks, strict=True) if c is not None]
         for key in victims:
+            with self._lock:  # a put of the victim accounted since it was chosen: its blob stays
+                if key in self._sizes:
+                    continue
             self._delete_remote(key)
         self.stats.add(evictions=len(victims))
         return evicted
 
-    def _forget(self, key: ChunkKey) -> None:
+    def _forget(self, key: ChunkKey, unless_written_after: int | None = None) -> None:
         with self._lock:
+            if unless_written_after is not None and self._written.get(key, 0) > unless_written_after:
+                return
             self._unaccount_locked(key)
+
+    def _unaccount_locked(self, key: ChunkKey) -> int | None:
+        self._written.pop(key, None)
+        return super()._unaccount_locked(key)
 
     # -- the rest: presence and keys come from the server (other clients write it too) -----------------
     def contains(self, key: ChunkKey) -> bool:
