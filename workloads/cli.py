@@ -185,8 +185,9 @@ def bench_rag(
     json_out: JsonOut = None,
     plot: PlotOut = None,
     calibration_from: CalFrom = None,
-    only: Annotated[str | None, typer.Option(help="method names to run, comma-separated (dense always runs) "
-                                                  "(default: all)")] = None,
+    only: Annotated[str | None, typer.Option(help="methods to run, comma-separated, as the table names them, "
+                                                  "e.g. 'naive,blend 0.30,auto' (dense always runs; default: all)")]
+    = None,
     repeats: Annotated[int, typer.Option(min=1, help="timed runs per method and prompt, the fastest counts "
                                                      "(1 with --quick)")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="a small run for smoke tests: 3 prompts of 3 short "
@@ -292,8 +293,7 @@ def bench_reliability(
     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 1,
     seed: Seed = 0,
 ) -> None:
-    """Reliability suites (fuzzing, corruption, tier faults, isolation, load, model mismatch): one table of
-    requests, faults, errors, wrong answers and data lost; exit status 1 when a suite failed."""
+    """Reliability suites: requests, faults, errors, wrong answers and data lost per suite; exits 1 if one failed."""
     mod = _module("reliability")
     chosen = csv(only) or list(mod.SUITES)
     if unknown := sorted(set(chosen) - set(mod.SUITES)):
