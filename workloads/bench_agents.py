@@ -36,8 +36,12 @@ METHODS = ("auto", "anchor", "hybrid", "base", "blend", "naive")  # base: anchor
 
 def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: int, fact_tokens: int,
         answer_tokens: int, seed: int, sheets: int | None = None, calibration: Calibration | None = None,
-        steps: Steps | None = None) -> dict[str, Any]:
-    """One pipeline of ``num_agents`` agents over ``tasks`` tasks; ``steps.done()`` after each agent call."""
+        steps: Steps | None = None, *, accuracy_tokens: int = 24) -> dict[str, Any]:
+    """One pipeline of ``num_agents`` agents over ``tasks`` tasks; ``steps.done()`` after each agent call.
+
+    Replies passed on to later agents have ``answer_tokens`` (and fidelity is measured over them); the final
+    agent's answer checked for accuracy may run to ``accuracy_tokens``, for every method alike (the model
+    restates the question before the fact, so a short answer cut off before it scores nothing)."""
     steps = steps or Steps()
     loaded = load_model(ModelSpec())
     # One engine (store and anchor pool) per method, so no method learns from another's requests; the
@@ -50,7 +54,7 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
         engines["auto"].set_calibration(calibration)
     pipeline = make_pipeline(num_agents, topology, seed=seed, prefix_tokens=prefix_tokens)  # type: ignore[arg-type]
     eos = loaded.tokenizer.eos_token_id
-    params = SamplingParams(max_tokens=answer_tokens, stop_token_ids=(eos,) if eos is not None else ())
+    params = SamplingParams(max_tokens=accuracy_tokens, stop_token_ids=(eos,) if eos is not None else ())
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in ("dense", *METHODS)}
     prompt_tokens: list[int] = []
     for t, task in enumerate(make_agent_tasks(tasks, seed=seed, fact_tokens=fact_tokens, sheets=sheets)):
@@ -64,6 +68,9 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
             text = str(loaded.tokenizer.decode(answer, skip_special_tokens=True))
             replies.append(text)
             final = a == num_agents - 1
+            if final:  # the same answer length every method gets below
+                text = str(loaded.tokenizer.decode([tok for tok, _ in engine.generate(dense, params)],
+                                                   skip_special_tokens=True))
             prompt_tokens.append(dense.fused.stats.total_tokens)
             if t >= warmup:
                 rows["dense"].append({"reused": 0.0, "cached_share": 0.0, "ttft_ratio": 1.0, "agreement": 1.0,
@@ -109,6 +116,7 @@ def _summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
             "agreement": statistics.fmean(r["agreement"] for r in rows),
             "kl": statistics.fmean(r["kl"] for r in rows),
             "accuracy": statistics.fmean(r["correct"] for r in finals) if finals else float("nan"),
+            "correct": int(sum(r["correct"] for r in finals)), "finals": len(finals),
             "ttft_ratio_by_agent": [statistics.fmean(r["ttft_ratio"] for r in rows if r["agent"] == a)
                                     for a in sorted({r["agent"] for r in rows})],
             "calls": len(rows)}
@@ -149,12 +157,12 @@ def calibrate(quick: bool, prompts: int, calibration_from: Path | None, steps: S
 
 def run_all(agent_counts: Sequence[int], topology: str, tasks: int, warmup: int, prefix_tokens: int,
             fact_tokens: int, answer_tokens: int, seed: int, sheets: int | None, calibration: Calibration,
-            steps: Steps | None = None) -> list[dict[str, Any]]:
+            steps: Steps | None = None, *, accuracy_tokens: int = 24) -> list[dict[str, Any]]:
     """:func:`run` for each number of agents, one progress bar over all their agent calls."""
     steps = steps or Steps()
     steps.begin(sum(agent_counts) * tasks)
     return [run(n, topology, tasks, warmup, prefix_tokens, fact_tokens, answer_tokens, seed, sheets, calibration,
-                steps) for n in agent_counts]
+                steps, accuracy_tokens=accuracy_tokens) for n in agent_counts]
 
 
 def render(results: list[dict[str, Any]], topology: str, warmup: int, sheets: int | None, cal: Calibration,
@@ -168,10 +176,11 @@ def render(results: list[dict[str, Any]], topology: str, warmup: int, sheets: in
         for m, s in r["methods"].items():
             table.add_row(str(r["agents"]), m, f"{s['reuse_rate']:.2f}", f"{s['cached_share']:.2f}",
                           f"{s['ttft_ratio']:.3f}", f"{s['ttft_ratio_reused']:.3f}", f"{s['agreement']:.3f}",
-                          f"{max(s['kl'], 0.0):.4f}", f"{s['accuracy']:.2f}")
+                          f"{max(s['kl'], 0.0):.4f}", f"{s['correct']}/{s['finals']}")
     console.print(table)
     console.print(f"auto's calibration curve: {cal.as_dict()['curve']}. reuse: share of calls served without a "
-                  "dense fallback; from cache: share of prompt tokens reused; accuracy: final answers correct.")
+                  "dense fallback; from cache: share of prompt tokens reused; accuracy: final answers "
+                  "correct / final answers.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,6 +133,8 @@ CalFrom = Annotated[Path | None, typer.Option(metavar="PATH", help="take auto's 
                                                                    "instead of measuring one")]
 RedisUrl = Annotated[str | None, typer.Option(help="use this Redis server (its data is overwritten) "
                                                    "(default: start a private redis-server if installed)")]
+AccuracyTokens = Annotated[int, typer.Option(min=1, help="tokens each method may generate for the answer "
+                                                         "checked for accuracy (stops at end of turn)")]
 AnswerTokens = Annotated[int, typer.Option(min=1, help="dense answer tokens the fidelity is measured over "
                                                        "(4 with --quick)")]
 
@@ -175,8 +177,7 @@ def bench_rag(
     docs: Annotated[int, typer.Option(min=2, help="documents per prompt (3 with --quick)")] = 6,
     doc_tokens: Annotated[int, typer.Option(min=8, help="approximate tokens per document (40 with --quick)")] = 140,
     answer_tokens: AnswerTokens = 10,
-    accuracy_tokens: Annotated[int, typer.Option(min=1, help="tokens each method may generate for the answer "
-                                                             "checked for accuracy (stops at end of turn)")] = 24,
+    accuracy_tokens: AccuracyTokens = 24,
     fidelity_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="auto's top-1 agreement target")] = 0.95,
     calibration_prompts: CalPrompts = 8,
     long_tokens: Annotated[int, typer.Option(min=0, help="also time blending at this context length, tokens "
@@ -214,13 +215,14 @@ def bench_agents(
     = "2,3,5",
     topology: Annotated[Topology, typer.Option(help="chain: each agent sees the previous reply; full: every "
                                                     "earlier reply")] = Topology.chain,
-    tasks: Annotated[int, typer.Option(min=1, help="tasks per run (2 with --quick)")] = 6,
+    tasks: Annotated[int, typer.Option(min=1, help="tasks per run (4 with --quick)")] = 6,
     warmup: Annotated[int, typer.Option(min=0, help="first tasks that only warm the caches and anchor pools, "
                                                     "not reported (1 with --quick)")] = 2,
     prefix_tokens: Annotated[int, typer.Option(min=1, help="tokens of each agent's own system prefix "
                                                            "(60 with --quick)")] = 250,
     fact_tokens: Annotated[int, typer.Option(min=1, help="tokens of the shared fact sheet (80 with --quick)")] = 650,
     answer_tokens: AnswerTokens = 10,
+    accuracy_tokens: AccuracyTokens = 24,
     seed: Seed = 0,
     sheets: Annotated[int | None, typer.Option(min=1, help="recurring fact sheets that tasks ask new questions "
                                                            "about (default: a new sheet per task)")] = None,
@@ -233,12 +235,12 @@ def bench_agents(
     """Multi-agent workload: shared messages under per-agent prefixes, dense vs anchor/hybrid/blend/naive."""
     mod = _module("agents")
     if quick:
-        agents, tasks, warmup, prefix_tokens, fact_tokens, answer_tokens = "2", 2, 1, 60, 80, 4
+        agents, tasks, warmup, prefix_tokens, fact_tokens, answer_tokens = "2", 4, 1, 60, 80, 4
         calibration_prompts = 1
     with progress_steps() as steps:
         cal = mod.calibrate(quick, calibration_prompts, calibration_from, steps)
         results = mod.run_all([int(n) for n in csv(agents)], topology.value, tasks, warmup, prefix_tokens, fact_tokens,
-                              answer_tokens, seed, sheets, cal, steps)
+                              answer_tokens, seed, sheets, cal, steps, accuracy_tokens=accuracy_tokens)
     mod.render(results, topology.value, warmup, sheets, cal, Console())
     write_json(json_out, {"calibration": cal.as_dict(), "runs": results})
     if plot is not None:
