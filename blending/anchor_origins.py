@@ -33,13 +33,25 @@ class TenantRecent:
             entries[key] = value
             self._size += 1
         entries.move_to_end(key)
+        self._trim(namespace)
+        return entries.get(key, value)
+
+    def set(self, namespace: str, key: str, value: str) -> None:
+        """Set the tenant's value for ``key`` (replacing any), as its most recent entry."""
+        entries = self._maps.setdefault(namespace, OrderedDict())
+        if key not in entries:
+            self._size += 1
+        entries[key] = value
+        entries.move_to_end(key)
+        self._trim(namespace)
+
+    def _trim(self, writer: str) -> None:
         while self._size > self.limit:
-            victim = max(self._maps, key=lambda t: (len(self._maps[t]), t == namespace))
+            victim = max(self._maps, key=lambda t: (len(self._maps[t]), t == writer))
             self._maps[victim].popitem(last=False)
             self._size -= 1
             if not self._maps[victim]:
                 del self._maps[victim]
-        return entries.get(key, value)
 
     def __len__(self) -> int:
         return self._size
@@ -55,9 +67,11 @@ class OriginRegistry:
         self._lock = threading.Lock()
 
     def note(self, namespace: str, base_key: str, context: str) -> None:
-        """Remember ``context`` as the origin of the tenant's base (an origin already known is kept)."""
+        """Record ``context`` as the origin of the tenant's base, replacing an earlier one: called for a
+        publication this instance won, so the stored base is now ``context``'s (an earlier base under the
+        key was evicted since)."""
         with self._lock:
-            self._origins.setdefault(namespace, base_key, context)
+            self._origins.set(namespace, base_key, context)
 
     def get(self, namespace: str, base_key: str) -> str | None:
         """The tenant's origin of the base, None when unknown here."""
