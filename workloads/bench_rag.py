@@ -104,6 +104,7 @@ class Harness:
         dense_s, dense = timed(self.reference, PrefillRequest(segments, "reference", "dense"), self.repeats)
         answer = greedy_answer(self.reference, dense, answer_tokens)
         reference = self.reference.score(dense, answer)
+        dense_said = greedy_answer(self.reference, dense, accuracy_tokens or answer_tokens).tolist()
         rows: dict[str, dict[str, Any]] = {}
         for m in self.methods:
             engine = self.engines[m.name]
@@ -116,6 +117,7 @@ class Harness:
             s = result.fused.stats
             rows[m.name] = {"ttft_s": took, "dense_ttft_s": dense_s, "agreement": fid.agreement, "kl": fid.kl,
                             "correct": float(check_answer(example, text)), "recomputed": s.recomputed_tokens,
+                            "same": float(said.tolist() == dense_said),
                             "reused": s.reused_tokens + s.exact_tokens, "prompt": s.total_tokens,
                             "approximate": float(result.mode in ("blend", "naive", "hybrid", "anchor")),
                             "mode": result.mode}
@@ -145,7 +147,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {"ttft_ms": mean("ttft_s") * 1000,
             "ttft_ratio": statistics.fmean(r["ttft_s"] / r["dense_ttft_s"] for r in rows),
             "agreement": mean("agreement"), "kl": mean("kl"), "accuracy": mean("correct"),
-            "correct": sum(int(r["correct"]) for r in rows),
+            "correct": sum(int(r["correct"]) for r in rows), "same_answer": sum(int(r["same"]) for r in rows),
             "recomputed_tokens": mean("recomputed"), "reused_share": statistics.fmean(
                 r["reused"] / r["prompt"] for r in rows), "approximate_share": mean("approximate"),
             "prompt_tokens": mean("prompt"), "n": len(rows)}
@@ -176,17 +178,17 @@ def run_long(loaded: LoadedModel, store: TieredStore, corpus: RagCorpus, tokens:
 
 
 COLUMNS = {"prompt_tokens": "prompt tokens", "ttft_ratio": "TTFT / dense", "ttft_ms": "TTFT ms",
-           "agreement": "top-1 agree", "kl": "KL", "correct": "correct", "reused_share": "from cache",
-           "approximate_share": "approx"}
+           "agreement": "top-1 agree", "kl": "KL", "correct": "correct", "same_answer": "same answer",
+           "reused_share": "from cache", "approximate_share": "approx"}
 
 
 def table(title: str, rows: dict[str, dict[str, float]], cols: list[str]) -> Table:
-    """One row per method (names never cut); ``correct`` is shown as correct answers / prompts."""
+    """One row per method (names never cut); counts (``correct``, ``same_answer``) are shown out of the prompts."""
     t = bench_table(title, "method", [COLUMNS.get(c, c.replace("_", " ")) for c in cols])
 
     def cell(row: dict[str, float], c: str) -> str:
-        if c == "correct":
-            return f"{int(row['correct'])}/{int(row['n'])}"
+        if c in ("correct", "same_answer"):
+            return f"{int(row[c])}/{int(row['n'])}"
         value = row.get(c)
         if c in ("prompt_tokens", "ttft_ms") and isinstance(value, float | int):
             return f"{value:.0f}"
@@ -309,11 +311,12 @@ def render(report: dict[str, Any], console: Console) -> None:
     if "calibration" in report:
         console.print(f"auto's calibration curve: {report['calibration']['curve']}")
     console.print(table("RAG: documents in a new order, vs dense (same pass)", report["quality"],
-                        ["prompt_tokens", "ttft_ratio", "agreement", "kl", "correct", "reused_share",
-                         "approximate_share"]))
+                        ["prompt_tokens", "ttft_ratio", "agreement", "kl", "correct", "same_answer",
+                         "reused_share", "approximate_share"]))
     console.print(f"top-1 agree, KL: teacher-forced against dense over its {report['answer_tokens']}-token answer; "
                   f"correct: answers (up to {report['accuracy_tokens']} tokens) containing the fact, of "
-                  f"{report['examples']} prompts; from cache: share of prompt tokens reused; approx: share of "
+                  f"{report['examples']} prompts; same answer: greedy answer token for token equal to dense's over "
+                  f"those tokens; from cache: share of prompt tokens reused; approx: share of "
                   "prompts served by an approximate mode.")
     if "long_context" in report:
         console.print(table(f"TTFT at ~{report['long_tokens']} tokens", report["long_context"],

@@ -37,6 +37,7 @@ def test_bench_rag_quick(tmp_path: Path) -> None:
     assert report["examples"] == 3 and report["accuracy_tokens"] == 24
     assert quality["dense"]["correct"] >= 1 and quality["dense"]["n"] == 3
     assert quality["dense"]["accuracy"] == pytest.approx(quality["dense"]["correct"] / 3)
+    assert quality["dense"]["same_answer"] == 3  # dense's own answer, computed again, is the same answer
     assert f"{quality['dense']['correct']}/3" in result.stdout and "…" not in result.stdout
 
 
