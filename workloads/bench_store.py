@@ -106,11 +106,10 @@ def _make_tier(
 def _make_peer(kind: str, shape: BlobShape, count: int, peer: str, **where: Any) -> peer_mod.LMCachePeer | None:
     if peer != "lmcache":
         return None
-    pshape = peer_mod.PeerShape(shape.layers, shape.kv_heads, shape.tokens, shape.head_dim, shape.dtype)
     variant = peer_mod.BACKENDS[kind][0]
     peer_dir = os.path.join(where["ssd_dir"], "lmcache")
     os.makedirs(peer_dir, exist_ok=True)
-    return peer_mod.LMCachePeer(kind, variant, pshape, count=count, ssd_dir=peer_dir, redis_url=where["redis_url"])
+    return peer_mod.LMCachePeer(kind, variant, shape, count=count, ssd_dir=peer_dir, redis_url=where["redis_url"])
 
 
 def _prefetch(tier: Tier, keys: list[Any], nbytes: int, budget: int) -> dict[str, Any]:

@@ -25,8 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import torch
@@ -57,19 +56,24 @@ def version() -> str:
     return v("lmcache")
 
 
-@dataclass(frozen=True)
-class PeerShape:
-    """The blob as LMCache sees it: ``[2, layers, tokens, heads * head_dim]`` of ``dtype`` (KV_2LTD)."""
-
-    layers: int
-    kv_heads: int
-    tokens: int
-    head_dim: int
-    dtype: torch.dtype
+class PeerShape(Protocol):
+    """What the peer needs of a blob's shape (``workloads.bench_store.BlobShape`` is one)."""
 
     @property
-    def lmcache_shape(self) -> torch.Size:
-        return torch.Size([2, self.layers, self.tokens, self.kv_heads * self.head_dim])
+    def layers(self) -> int: ...
+    @property
+    def kv_heads(self) -> int: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+
+def lmcache_shape(shape: PeerShape) -> torch.Size:
+    """The blob as LMCache sees it: ``[2, layers, tokens, heads * head_dim]`` (KV_2LTD)."""
+    return torch.Size([2, shape.layers, shape.tokens, shape.kv_heads * shape.head_dim])
 
 
 def config_for(
@@ -110,7 +114,7 @@ class LMCachePeer:
         self._key_cls = CacheEngineKey
         # fresh keys per instance: a key left by an earlier run on the same server would look stored at once
         self._base = random.getrandbits(48) << 8
-        nbytes = shape.lmcache_shape.numel() * shape.dtype.itemsize
+        nbytes = lmcache_shape(shape).numel() * shape.dtype.itemsize
         self.nbytes = nbytes
         cfg = config_for(
             kind, variant, nbytes=nbytes, count=count, ssd_dir=ssd_dir, redis_url=redis_url, tokens=shape.tokens
@@ -142,7 +146,7 @@ class LMCachePeer:
 
     def put(self, i: int, src: torch.Tensor) -> None:
         """Copy in, ``batched_put``, and wait until the backend holds the key."""
-        obj = self.manager.allocate(self.shape.lmcache_shape, self.shape.dtype)
+        obj = self.manager.allocate(lmcache_shape(self.shape), self.shape.dtype)
         if obj is None:
             raise RuntimeError("LMCache's CPU pool is full")
         assert obj.tensor is not None

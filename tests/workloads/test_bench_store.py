@@ -63,9 +63,9 @@ def test_peer_lmcache_measured_in_the_same_run(tmp_path: Path) -> None:
 
 def test_lmcache_config_matches_its_interface() -> None:
     """The configs the peer builds, checked field by field (runs without LMCache)."""
-    shape = bench_store_lmcache.PeerShape(32, 8, 256, 128, torch.bfloat16)
-    assert shape.lmcache_shape == torch.Size([2, 32, 256, 1024])
-    assert shape.lmcache_shape.numel() * 2 == bench_store.SIZES["llama3-8b-bf16"].nbytes
+    shape = bench_store.BlobShape(32, 8, 256, 128, torch.bfloat16)
+    assert bench_store_lmcache.lmcache_shape(shape) == torch.Size([2, 32, 256, 1024])
+    assert bench_store_lmcache.lmcache_shape(shape).numel() * 2 == bench_store.SIZES["llama3-8b-bf16"].nbytes
     assert bench_store_lmcache.BACKENDS["redis"][0] == "resp"
     if not bench_store_lmcache.available():
         return
