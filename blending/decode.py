@@ -3,6 +3,7 @@ dense prefill, both in pieces that let the engine's fair model lock hand the mod
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Callable, Iterator
@@ -16,11 +17,16 @@ from blending.adapter import ModelAdapter
 from blending.fused import BlendStats, FusedKV
 
 
+@functools.cache
+def _cache_arg(forward: Callable[..., Any]) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 def cache_kwargs(model: PreTrainedModel, cache: DynamicCache) -> dict[str, DynamicCache]:
     """``{name: cache}`` for the forward's cache argument: ``cache`` where the model takes it (recent
-    transformers 5.x, which deprecates ``past_key_values`` with a FutureWarning), else ``past_key_values``."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    transformers 5.x, which deprecates ``past_key_values`` with a FutureWarning), else ``past_key_values``.
+    The name is looked up once per model class, not on every decode step."""
+    return {_cache_arg(type(model).forward): cache}
 
 
 def to_dynamic_cache(model: PreTrainedModel, kv: torch.Tensor) -> DynamicCache:
