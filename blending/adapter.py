@@ -180,16 +180,28 @@ class ModelAdapter:
         Returns (KV of all P + n tokens, float32 logits ``[n, vocab]`` of the new tokens).
         """
         past = 0 if past_kv is None else past_kv.shape[3]
-        n = token_ids.shape[0]
-        kv = self.empty_kv(past + n)
+        kv = self.empty_kv(past + token_ids.shape[0])
         if past_kv is not None:
             kv[:, :, :, :past] = past_kv
-        index = torch.arange(past, past + n, device=self.device)
+        return kv, self.logits(self._run_layers(kv, past, token_ids))
+
+    @torch.inference_mode()
+    def prefill_into(self, kv: torch.Tensor, start: int, token_ids: torch.Tensor) -> torch.Tensor:
+        """Dense prefill of ``token_ids`` at positions ``start..`` of the pre-allocated buffer ``kv`` (the
+        tokens before ``start`` already in it), writing their KV in place; float32 logits ``[vocab]`` of
+        the last token only: the LM head over every prompt token would cost a fifth of the prefill."""
+        end = start + token_ids.shape[0]
+        hidden = self._run_layers(kv[:, :, :, :end], start, token_ids)
+        return self.logits(hidden[-1:])[0]
+
+    def _run_layers(self, kv: torch.Tensor, past: int, token_ids: torch.Tensor) -> torch.Tensor:
+        """Every layer over ``token_ids`` at positions ``past..`` of ``kv`` (their KV written in place)."""
+        index = torch.arange(past, past + token_ids.shape[0], device=self.device)
         hidden = self.embed(token_ids)
         for layer in range(self.shape.num_layers):
             q, k, v = self.project_qkv(layer, hidden, index)
             kv[layer, 0, :, past:] = k
             kv[layer, 1, :, past:] = v
-            mask = self.causal_mask(layer, index, past + n)
+            mask = self.causal_mask(layer, index, kv.shape[3])
             hidden = self.attend_and_mlp(layer, hidden, q, kv[layer, 0], kv[layer, 1], mask)
-        return kv, self.logits(hidden)
+        return hidden

@@ -45,20 +45,19 @@ def dense_prefill(
     between: Callable[[], object] | None = None,
 ) -> FusedKV:
     """Dense prefill of ``ids`` in pieces of ``chunk_tokens`` tokens, each piece attending to the KV of the
-    ones before it (``adapter.prefill(piece, past_kv)``; HF's own forward with a ``DynamicCache`` for an
-    architecture the adapter does not support), calling ``between()`` between two pieces."""
+    ones before it in one pre-allocated buffer (``adapter.prefill_into``; HF's own forward with a
+    ``DynamicCache`` for an architecture the adapter does not support), calling ``between()`` between two
+    pieces. Only the last token's logits are computed."""
     step = max(1, chunk_tokens)
     t0 = time.perf_counter()
     stats = BlendStats(total_tokens=len(ids), computed_tokens=len(ids))
     starts = range(0, len(ids), step)
     if adapter is not None:
-        kv: torch.Tensor | None = None
+        kv = adapter.empty_kv(len(ids))  # one buffer: no piece copies the KV of the ones before it
         for start in starts:
             if start and between is not None:
                 between()
-            kv, logits = adapter.prefill(ids[start : start + step], kv)
-        assert kv is not None
-        last = logits[-1]
+            last = adapter.prefill_into(kv, start, ids[start : start + step])
     else:
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():

@@ -65,6 +65,24 @@ def test_chunked_prefill_equals_whole() -> None:
     torch.testing.assert_close(logits2, logits[20:], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_prefill_into_one_buffer_equals_whole(family: str) -> None:
+    """The dense path writes every piece into one pre-allocated buffer and computes the last token's
+    logits only: same KV and last logits as one whole prefill, and as HF's forward."""
+    model = tiny_model(family, sliding_window=8) if family == "mistral" else tiny_model(family)
+    adapter = ModelAdapter(model)
+    ids = torch.randint(0, 256, (50,))
+    kv, logits = adapter.prefill(ids)
+    buffer = adapter.empty_kv(50)
+    for start in range(0, 50, 16):
+        last = adapter.prefill_into(buffer, start, ids[start : start + 16])
+    torch.testing.assert_close(buffer, kv, atol=1e-5, rtol=1e-5)
+    assert last.shape == (adapter.shape.vocab_size,) and last.dtype == torch.float32
+    torch.testing.assert_close(last, logits[-1], atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(last, model(ids[None]).logits[0, -1].float(), atol=1e-4, rtol=1e-4)
+
+
 def test_smollm2_matches_hf(smollm2: LoadedModel) -> None:
     adapter = ModelAdapter(smollm2.model)
     assert adapter.shape.num_layers == 30 and adapter.shape.num_kv_heads == 3 and adapter.shape.head_dim == 64
