@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,3 +149,16 @@ def generate_tokens(
         out = model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
         logits = out.logits[0, -1].float()
         position += 1
+
+
+def follows(steps: Iterable[tuple[int, torch.Tensor]], expected: Sequence[int], stop_token_ids: Sequence[int]) -> bool:
+    """Whether the decoded ``steps`` say ``expected`` (stop token excluded) token for token and end where
+    it ends; consumes ``steps`` only up to the first difference."""
+    said = 0
+    for token, _ in steps:
+        if token in stop_token_ids:
+            break
+        if said >= len(expected) or token != expected[said]:
+            return False
+        said += 1
+    return said == len(expected)

@@ -24,7 +24,7 @@ from blending.guard import FidelityGuard, GuardConfig
 from blending.lookup import KVValidator, exact_inputs, exact_length, lookup_hot, lookup_store
 from blending.model import LoadedModel
 from blending.planner import MODES, KeySpaces, Mode, Plan, PromptSegment, make_plan
-from blending.policy import Decision, Features, PolicyConfig, decide
+from blending.policy import TARGET_RANGE, Decision, Features, PolicyConfig, decide
 from blending.prompt_cache import HotPromptCache, PrefixHit
 from blending.scheduler import FairLock, current_queue_s
 from blending.writeback import (
@@ -204,7 +204,7 @@ class Engine:
         start = time.perf_counter()
         target = request.fidelity_target if request.fidelity_target is not None else self.config.policy.fidelity_target
         if not 0.0 < target <= 1.0:
-            raise ValueError("fidelity_target is a top-1 agreement in (0, 1]")
+            raise ValueError(TARGET_RANGE)
         anchored = request.mode in ("anchor", "hybrid")
         plan = self._anchor_plan(request.segments, request.namespace) if anchored else self.plan(
             request.segments, request.namespace)

@@ -1,4 +1,5 @@
-"""Fidelity of a reuse method against a dense prefill of the same tokens, and ratio calibration."""
+"""Fidelity of a reuse method against a dense prefill of the same tokens (kept answers, top-1 agreement,
+KL) and the calibration of ``auto``'s recompute budgets."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from blending.calibration import SYSTEM_NAMESPACE, Calibration, calibration_prompts, document_segments, new_order
-from blending.decode import SamplingParams
+from blending.decode import SamplingParams, follows
 from blending.engine import Engine, PrefillRequest, PrefillResult
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ def fidelity(engine: Engine, result: PrefillResult, dense_logits: torch.Tensor, 
     return Fidelity(agree, float(kl.sum(-1).mean()), len(answer))
 
 
+def keeps_answer(engine: Engine, result: PrefillResult, answer: torch.Tensor, max_tokens: int) -> bool:
+    """Whether the greedy answer decoded from ``result`` equals ``answer`` (dense's greedy answer of up to
+    ``max_tokens`` tokens, stop token excluded) token for token, ending where it ends. Decoding stops at
+    the first differing token."""
+    eos = engine.tokenizer.eos_token_id
+    params = SamplingParams(max_tokens=max_tokens, stop_token_ids=(eos,) if eos is not None else ())
+    return follows(engine.generate(result, params), answer.tolist(), params.stop_token_ids)
+
+
 DEFAULT_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
@@ -58,18 +68,20 @@ def measure_curve(
     ratios: Sequence[float] = DEFAULT_RATIOS,
     prompts: int = 8,
     docs: int = 6,
-    answer_tokens: int = 16,
+    answer_tokens: int = 32,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
-    """Agreement with dense per recompute budget on the built-in calibration workload: each prompt's
-    documents are computed once in one order (a dense prefill and its write-back, as production traffic
-    leaves them), then asked in a new order; every budget is scored against a dense prefill of the new
-    prompt over the dense greedy answer. Runs in the reserved namespace, never a tenant's."""
+    """Kept answers (and, for information, top-1 agreement) per recompute budget on the built-in
+    calibration workload: each prompt's documents are computed once in one order (a dense prefill and its
+    write-back, as production traffic leaves them), then asked in a new order; every budget's greedy answer
+    of up to ``answer_tokens`` tokens is compared with a dense prefill's of the new prompt. Runs in the
+    reserved namespace, never a tenant's."""
     if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
         raise ValueError("ratios must lie within [0, 1]")
     rng = random.Random(seed)
-    scores: dict[float, list[float]] = {float(r): [] for r in ratios}
+    kept: dict[float, list[float]] = {float(r): [] for r in ratios}
+    agreement: dict[float, list[float]] = {float(r): [] for r in ratios}
     items = calibration_prompts(prompts, docs=docs, seed=seed)
     for i, (documents, question, system) in enumerate(items):
         ns = f"{SYSTEM_NAMESPACE}/calibration/{seed}/{i}"
@@ -78,15 +90,19 @@ def measure_curve(
         moved = [documents[j] for j in new_order(len(documents), rng)]
         segments = document_segments(engine.tokenizer, system, moved, question)
         dense, answer = dense_answer(engine, PrefillRequest(segments, ns + "/reference"), answer_tokens)
-        if len(answer):
-            reference = engine.score(dense, answer)
-            for r in scores:
-                result = engine.prefill(PrefillRequest(segments, ns, "blend", r))
-                scores[r].append(fidelity(engine, result, reference, answer).agreement)
+        reference = engine.score(dense, answer) if len(answer) else None
+        for r in kept:
+            result = engine.prefill(PrefillRequest(segments, ns, "blend", r))
+            kept[r].append(float(keeps_answer(engine, result, answer, answer_tokens)))
+            if reference is not None:
+                agreement[r].append(fidelity(engine, result, reference, answer).agreement)
         if progress is not None:
             progress(i + 1, len(items))
-    curve = {r: sum(v) / len(v) for r, v in scores.items() if v}
-    return Calibration(engine.fingerprint, curve, len(items))
+    return Calibration(engine.fingerprint, _means(kept), len(items), _means(agreement), answer_tokens)
+
+
+def _means(scores: dict[float, list[float]]) -> dict[float, float]:
+    return {r: sum(v) / len(v) for r, v in scores.items() if v}
 
 
 def calibrate_in_background(engine: Engine, **kwargs: Any) -> threading.Thread:

@@ -1,9 +1,10 @@
 """The online fidelity guard: a sample of approximate-reuse requests is re-run dense in the background,
-when the engine is idle, and the running top-1 agreement per tenant and mode steers ``auto``.
+when the engine is idle, and the running share of kept answers (the sampled KV's greedy answer equals the
+dense prefill's, token for token) per tenant and mode steers ``auto``; top-1 agreement is kept beside it.
 
 Never on a request's critical path: sampling keeps a reference to the request's fused KV (bounded per
 tenant) and a worker thread does the dense run later. Per tenant throughout (own sampling stream, own
-queue quota, own running agreement), so one tenant's traffic never changes another's budget.
+queue quota, own running scores), so one tenant's traffic never changes another's budget.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blending.decode import SamplingParams, generate_tokens, teacher_forced_logits
+from blending.decode import SamplingParams, follows, generate_tokens, teacher_forced_logits
 from blending.fused import FusedKV
 
 if TYPE_CHECKING:
@@ -31,12 +32,13 @@ APPROXIMATE = ("blend", "naive", "anchor", "hybrid")
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """``sample_rate``: share of approximate-reuse requests re-run dense; ``window``: agreements kept per
-    tenant and mode; ``min_samples`` before the guard acts; ``recover_margin``: agreement above the target
-    needed to lower the budget again."""
+    """``sample_rate``: share of approximate-reuse requests re-run dense; ``answer_tokens``: the length of
+    the greedy answers compared; ``window``: scores kept per tenant and mode; ``min_samples`` before the
+    guard acts; ``recover_margin``: share of kept answers above the target needed to lower the budget
+    again."""
 
     sample_rate: float = 0.02
-    answer_tokens: int = 8
+    answer_tokens: int = 32
     window: int = 20
     min_samples: int = 3
     max_pending_per_tenant: int = 2
@@ -63,7 +65,7 @@ class FidelityGuard:
         self._queue: deque[_Sample] = deque()
         self._pending: dict[str, int] = defaultdict(int)
         self._rngs: dict[str, random.Random] = {}
-        self._scores: dict[tuple[str, str], deque[float]] = {}  # reported (running agreement)
+        self._scores: dict[tuple[str, str], deque[tuple[float, float]]] = {}  # reported: (kept, agreement)
         self._evidence: dict[tuple[str, str], deque[float]] = {}  # since the budget last changed
         self._escalation: dict[str, int] = defaultdict(int)
         self._busy = 0
@@ -88,18 +90,20 @@ class FidelityGuard:
         return True
 
     def escalation(self, namespace: str) -> int:
-        """Budget steps ``auto`` adds for this tenant (0 while its agreement meets the target)."""
+        """Budget steps ``auto`` adds for this tenant (0 while its kept answers meet the target)."""
         with self._lock:
             return self._escalation[namespace]
 
     def snapshot(self, namespace: str | None = None) -> dict[str, dict[str, Any]]:
-        """Running agreement per mode (one tenant's, or pooled over all when ``namespace`` is None)."""
+        """Running share of kept answers and top-1 agreement per mode (one tenant's, or pooled over all when
+        ``namespace`` is None)."""
         with self._lock:
-            pooled: dict[str, list[float]] = defaultdict(list)
+            pooled: dict[str, list[tuple[float, float]]] = defaultdict(list)
             for (ns, mode), scores in self._scores.items():
                 if namespace is None or ns == namespace:
                     pooled[mode].extend(scores)
-        return {m: {"agreement": sum(v) / len(v), "samples": len(v)} for m, v in pooled.items() if v}
+        return {m: {"same_answer": sum(k for k, _ in v) / len(v), "agreement": sum(a for _, a in v) / len(v),
+                    "samples": len(v)} for m, v in pooled.items() if v}
 
     def drain(self, timeout_s: float = 120.0) -> None:
         """Wait until every sampled request has been checked (benchmarks and tests)."""
@@ -120,7 +124,7 @@ class FidelityGuard:
                 self._busy += 1
             try:
                 self._wait_idle()
-                self._record(sample, self._check(sample))
+                self._record(sample, *self._check(sample))
             except Exception:  # a failed check must never take the service down
                 log.exception("fidelity guard check failed")
             finally:
@@ -133,29 +137,32 @@ class FidelityGuard:
         while self.engine.inflight > 0:
             time.sleep(self.config.idle_s)
 
-    def _check(self, sample: _Sample) -> float:
-        """Top-1 agreement of the sampled KV with a dense prefill over the dense greedy answer."""
+    def _check(self, sample: _Sample) -> tuple[float, float]:
+        """(1.0 when the sampled KV's greedy answer equals a dense prefill's, else 0.0; top-1 agreement with
+        the dense logits over the dense answer)."""
         engine = self.engine
         eos = engine.tokenizer.eos_token_id
         params = SamplingParams(max_tokens=self.config.answer_tokens, stop_token_ids=(eos,) if eos is not None else ())
         with engine.model_lock:
             dense = engine._dense(sample.token_ids)
-            steps = [t for t, _ in generate_tokens(engine.model, dense, params)]
-            answer = torch.tensor([t for t in steps if t != eos], dtype=torch.int64)
+            answer = torch.tensor([t for t, _ in generate_tokens(engine.model, dense, params) if t != eos],
+                                  dtype=torch.int64)
+            kept = float(follows(generate_tokens(engine.model, sample.fused, params), answer.tolist(),
+                                 params.stop_token_ids))
             if len(answer) == 0:
-                return float(int(torch.argmax(dense.last_logits)) == int(torch.argmax(sample.fused.last_logits)))
+                return kept, float(int(torch.argmax(dense.last_logits)) == int(torch.argmax(sample.fused.last_logits)))
             ref = teacher_forced_logits(engine.model, dense, answer)
             got = teacher_forced_logits(engine.model, sample.fused, answer)
-        return float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+        return kept, float((ref.argmax(-1) == got.argmax(-1)).float().mean())
 
-    def _record(self, sample: _Sample, agreement: float) -> None:
+    def _record(self, sample: _Sample, kept: float, agreement: float) -> None:
         target = self.engine.config.policy.fidelity_target
         with self._lock:
             self.checked += 1
             key = (sample.namespace, sample.mode)
-            self._scores.setdefault(key, deque(maxlen=self.config.window)).append(agreement)
+            self._scores.setdefault(key, deque(maxlen=self.config.window)).append((kept, agreement))
             scores = self._evidence.setdefault(key, deque(maxlen=self.config.window))
-            scores.append(agreement)
+            scores.append(kept)
             if len(scores) < self.config.min_samples:
                 return
             mean = sum(scores) / len(scores)
@@ -163,7 +170,8 @@ class FidelityGuard:
             if mean < target:
                 self._escalation[ns] += 1
                 scores.clear()  # judge the raised budget on fresh evidence
-                log.warning("guard: agreement %.3f < %.2f for %s; raising the budget", mean, target, sample.mode)
+                log.warning("guard: %.0f%% of answers kept < %.0f%% for %s; raising the budget", 100 * mean,
+                            100 * target, sample.mode)
             elif self._escalation[ns] and mean >= target + self.config.recover_margin:
                 self._escalation[ns] -= 1
                 scores.clear()

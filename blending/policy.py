@@ -4,10 +4,11 @@ Exact reuse (a cached prefix, a prompt that an earlier one extends) never change
 always taken. Approximate reuse (chunks blended, anchor-corrected shared messages) is taken only when
   - the prompt is long enough and enough of it is cached for the saving to matter (short prompts and
     prompts with little reusable text run dense: their saving is small and their answers fragile);
-  - the model's calibration curve (agreement with dense per recompute budget, measured by
-    ``kvfuse calibrate`` and persisted under the model fingerprint) names a budget that meets the
-    fidelity target, and that budget still leaves the estimated time saving worth having;
-  - the online guard (background dense re-runs of a sample) has not seen this tenant's agreement fall
+  - the model's calibration curve (per recompute budget, the share of prompts whose greedy answer equals
+    a dense prefill's token for token, measured by ``kvfuse calibrate`` and persisted under the model
+    fingerprint) names a budget that keeps the target share of answers, and that budget still leaves the
+    estimated time saving worth having;
+  - the online guard (background dense re-runs of a sample) has not seen this tenant's kept answers fall
     below the target; while it has, the budget is raised one calibrated step per shortfall, or dense.
 Otherwise the request runs dense (after any exact prefix) and the decision says why.
 """
@@ -22,7 +23,8 @@ from blending.calibration import Calibration
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """``min_prompt_tokens``: shorter prompts run dense. ``min_reuse_tokens`` / ``min_reuse_share``: the
+    """``fidelity_target``: the share of answers that must equal dense's (greedy, token for token) at the
+    calibrated budget. ``min_prompt_tokens``: shorter prompts run dense. ``min_reuse_tokens`` / ``min_reuse_share``: the
     approximately reusable tokens needed (count and share of the prompt). ``min_saving``: the estimated
     share of prefill work saved below which approximate reuse is not worth its risk. ``max_ratio``: the
     largest recompute budget ``auto`` uses."""
@@ -36,11 +38,23 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fidelity_target <= 1.0:
-            raise ValueError("fidelity_target is a top-1 agreement in (0, 1]")
+            raise ValueError(TARGET_RANGE)
         if not 0.0 <= self.min_reuse_share <= 1.0 or not 0.0 <= self.min_saving < 1.0:
             raise ValueError("min_reuse_share and min_saving are shares in [0, 1)")
         if not 0.0 < self.max_ratio <= 1.0:
             raise ValueError("max_ratio must be within (0, 1]")
+
+
+TARGET_RANGE = "fidelity_target is the share of answers that must equal dense's, in (0, 1]"
+
+
+def _best(calibration: Calibration) -> str:
+    """`` (0.50 kept 54%)``: the approximate budget that kept the most answers, for a decision's reason."""
+    approximate = {r: a for r, a in calibration.curve.items() if r < 1.0}
+    if not approximate:
+        return ""
+    ratio = max(approximate, key=lambda r: (approximate[r], -r))
+    return f" ({ratio:.2f} kept {approximate[ratio]:.0%})"
 
 
 class Features(NamedTuple):
@@ -94,16 +108,18 @@ def decide(
         return safe("no calibration for this model yet: exact only (run `kvfuse calibrate`)")
     ladder = calibration.ladder(target)
     if not ladder:
-        return safe(f"no calibrated budget reaches agreement {target:.2f}: exact only")
+        return safe(f"no calibrated budget keeps {target:.0%} of answers equal to dense's{_best(calibration)}: "
+                    "exact only")
     if escalation >= len(ladder):
-        return safe(f"guard: agreement below {target:.2f} at every budget: exact only")
+        return safe(f"guard: answers changed at every budget (target {target:.0%} kept): exact only")
     ratio = ladder[escalation]
     if ratio > config.max_ratio:
-        return safe(f"budget {ratio:.2f} for agreement {target:.2f} exceeds {config.max_ratio:.2f}: exact only")
+        return safe(f"budget {ratio:.2f} keeps {target:.0%} of answers but exceeds {config.max_ratio:.2f}"
+                    f"{_best(calibration)}: exact only")
     saving = estimated_saving(f, approx, ratio)
     if saving < config.min_saving:
         return safe(f"estimated saving {saving:.2f} below {config.min_saving:.2f}: exact only")
-    why = f"{method} {ratio:.2f}: calibrated for agreement {target:.2f}"
+    why = f"{method} {ratio:.2f}: calibrated to keep {target:.0%} of answers"
     if escalation:
         why += f" (guard raised the budget {escalation} step{'s' if escalation > 1 else ''})"
     return Decision(method, ratio, why, saving)

@@ -96,12 +96,13 @@ def serve(
 def calibrate(
     config: ConfigOpt = None,
     prompts: Annotated[int, typer.Option(min=1, help="calibration prompts (more: a tighter curve, slower)")] = 8,
+    answer_tokens: Annotated[int, typer.Option(min=1, help="length of the greedy answers compared with dense's")] = 32,
     docs: Annotated[int, typer.Option(min=2, help="documents per prompt")] = 6,
     ratios: Annotated[str, typer.Option(help="recompute budgets to measure, comma-separated")] = (
         "0,0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.6,0.8,1"),
     json_out: Annotated[bool, typer.Option("--json", help="print the curve as JSON")] = False,
 ) -> None:
-    """Measure auto's calibration curve (top-1 agreement with dense per recompute budget) for the
+    """Measure auto's calibration curve (per recompute budget, the share of answers equal to dense's) for the
     configured model and persist it in the store under the model fingerprint; every instance sharing the
     store then uses it."""
     from rich.console import Console
@@ -124,7 +125,7 @@ def calibrate(
     try:
         with Progress(transient=True) as progress:
             task = progress.add_task("calibrating", total=prompts)
-            cal = measure_curve(engine, budgets, prompts=prompts, docs=docs,
+            cal = measure_curve(engine, budgets, prompts=prompts, docs=docs, answer_tokens=answer_tokens,
                                 progress=lambda done, _: progress.update(task, completed=done))
         engine.set_calibration(cal)
     except ValueError as exc:
@@ -138,9 +139,9 @@ def calibrate(
     console = Console()
     ladder = cal.ladder(settings.fidelity_target)
     console.print(f"calibration of {engine.loaded.name} ({cal.samples} prompts), persisted:")
-    for r, a in sorted(cal.curve.items()):
-        console.print(f"  budget {r:4.2f}  agreement {a:.3f}")
-    chosen = f"budget {ladder[0]:.2f}" if ladder else "exact reuse only (no budget reaches it)"
+    for r, kept in sorted(cal.curve.items()):
+        console.print(f"  budget {r:4.2f}  same answer {kept:6.1%}  top-1 agreement {cal.agreement.get(r, 0.0):.3f}")
+    chosen = f"budget {ladder[0]:.2f}" if ladder else "exact reuse only (no budget keeps that share of answers)"
     console.print(f"auto at fidelity target {settings.fidelity_target}: {chosen}")
 
 

@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     mode: ModeName = "auto"
     recompute_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
-    fidelity_target: float = Field(default=0.95, gt=0.0, le=1.0, allow_inf_nan=False)  # auto: top-1 agreement
+    fidelity_target: float = Field(default=0.95, gt=0.0, le=1.0, allow_inf_nan=False)  # auto: share of answers kept
     auto_calibrate: bool = True  # measure the model's calibration curve in the background on first use
     guard_sample_rate: float = Field(default=0.02, ge=0.0, le=1.0, allow_inf_nan=False)  # re-run dense
     request_deadline_s: float = Field(default=60.0, gt=0.0, allow_inf_nan=False)  # max wait for a first turn

@@ -57,20 +57,24 @@ class SchedulerCollector(Collector):
 
 
 class GuardCollector(Collector):
-    """The fidelity guard at scrape time: running top-1 agreement with dense per mode (all tenants)."""
+    """The fidelity guard at scrape time: running share of kept answers and top-1 agreement with a dense
+    re-run per mode (all tenants)."""
 
     def __init__(self, guard: FidelityGuard) -> None:
         self.guard = guard
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        kept = GaugeMetricFamily("kvfuse_guard_same_answer",
+                                 "running share of sampled answers equal to a dense re-run's", labels=["mode"])
         agreement = GaugeMetricFamily("kvfuse_guard_agreement", "running top-1 agreement with a dense re-run",
                                       labels=["mode"])
         samples = GaugeMetricFamily("kvfuse_guard_samples", "sampled requests in the running agreement",
                                     labels=["mode"])
         for mode, row in sorted(self.guard.snapshot().items()):
+            kept.add_metric([mode], float(row["same_answer"]))
             agreement.add_metric([mode], float(row["agreement"]))
             samples.add_metric([mode], float(row["samples"]))
-        yield from (agreement, samples)
+        yield from (kept, agreement, samples)
 
 
 @dataclass

@@ -49,7 +49,7 @@ async def stats(scope: ScopeDep, state: StateDep) -> dict[str, Any]:
 
 
 def fidelity_view(state: ServerState, scope: str | None) -> dict[str, Any]:
-    """auto's target and calibration (model-wide), and the guard's running agreement per mode: the
+    """auto's target and calibration (model-wide), and the guard's running kept answers and agreement per mode: the
     caller's tenant only, or pooled over all tenants for the service view."""
     engine = state.engine
     cal = engine.calibration() if engine.adapter is not None else None

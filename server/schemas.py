@@ -41,7 +41,8 @@ class KVFuseOptions(_Strict):
     )
     fidelity_target: Annotated[float | None, Finite] = Field(
         default=None, gt=0.0, le=1.0,
-        description="auto only: top-1 agreement with a dense prefill to keep (default: the service's setting)",
+        description="auto only: share of answers that must equal a dense prefill's at the calibrated budget "
+                    "(default: the service's setting)",
     )
 
 

@@ -147,8 +147,7 @@ def calibrate(quick: bool, prompts: int, calibration_from: Path | None, steps: S
     try:
         if calibration_from is not None:
             saved = json.loads(calibration_from.read_text())["calibration"]
-            return Calibration(cal_engine.fingerprint, {float(r): v for r, v in saved["curve"].items()},
-                               saved["samples"])
+            return Calibration.from_dict(cal_engine.fingerprint, saved)
         steps.begin(1, "calibrating auto on the built-in workload")
         return measure_curve(cal_engine, (0.15, 1.0) if quick else DEFAULT_RATIOS, prompts=prompts)
     finally:
@@ -178,7 +177,8 @@ def render(results: list[dict[str, Any]], topology: str, warmup: int, sheets: in
                           f"{s['ttft_ratio']:.3f}", f"{s['ttft_ratio_reused']:.3f}", f"{s['agreement']:.3f}",
                           f"{max(s['kl'], 0.0):.4f}", f"{s['correct']}/{s['finals']}")
     console.print(table)
-    console.print(f"auto's calibration curve: {cal.as_dict()['curve']}. reuse: share of calls served without a "
+    console.print(f"auto's calibration curve (answers kept): {cal.as_dict()['curve']}. reuse: share of calls "
+                  "served without a "
                   "dense fallback; from cache: share of prompt tokens reused; accuracy: final answers "
                   "correct / final answers.")
 

@@ -248,13 +248,13 @@ class RagOptions:
 def _calibrate(auto: Engine, opts: RagOptions, steps: Steps) -> dict[str, Any]:
     if opts.calibration_from is not None:
         saved = json.loads(opts.calibration_from.read_text())["calibration"]
-        cal = Calibration(auto.fingerprint, {float(r): a for r, a in saved["curve"].items()}, saved["samples"])
+        cal = Calibration.from_dict(auto.fingerprint, saved)
         auto.set_calibration(cal)
         return {**cal.as_dict(), "from": str(opts.calibration_from)}
     t0 = time.perf_counter()
     steps.now("calibrating auto on the built-in workload")
     cal = measure_curve(auto, (0.15, 1.0) if opts.quick else DEFAULT_RATIOS, prompts=opts.calibration_prompts,
-                        docs=opts.docs, seed=99)
+                        docs=opts.docs, answer_tokens=opts.accuracy_tokens, seed=99)
     auto.set_calibration(cal)
     return {**cal.as_dict(), "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -309,7 +309,7 @@ def run(options: RagOptions, steps: Steps | None = None) -> dict[str, Any]:
 def render(report: dict[str, Any], console: Console) -> None:
     """The quality table, a legend, and the long-context table when there is one."""
     if "calibration" in report:
-        console.print(f"auto's calibration curve: {report['calibration']['curve']}")
+        console.print(f"auto's calibration curve (answers kept): {report['calibration']['curve']}")
     console.print(table("RAG: documents in a new order, vs dense (same pass)", report["quality"],
                         ["prompt_tokens", "ttft_ratio", "agreement", "kl", "correct", "same_answer",
                          "reused_share", "approximate_share"]))

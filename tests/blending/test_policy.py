@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from blending.calibration import Calibration, CalibrationStore, calibration_prompts
+from blending.calibration import SYSTEM_NAMESPACE, Calibration, CalibrationStore, calibration_prompts
 from blending.policy import Features, PolicyConfig, decide, estimated_saving
 from kvstore import StoreConfig, TieredStore
+from kvstore.chunk import KVChunk
+from kvstore.keys import KeySpace
 
-CAL = Calibration("fp", {0.15: 0.93, 0.3: 0.96, 0.5: 0.97, 1.0: 1.0}, samples=8)
+CAL = Calibration("fp", {0.15: 0.93, 0.3: 0.96, 0.5: 0.97, 1.0: 1.0}, samples=8,
+                  agreement={0.15: 0.98, 0.3: 0.99, 0.5: 0.99, 1.0: 1.0}, answer_tokens=32)
 CFG = PolicyConfig()
 
 
@@ -72,6 +76,7 @@ def test_calibration_persists_under_the_fingerprint(tmp_path: Path) -> None:
     loaded = CalibrationStore(reopened, "fp", "l30").load()
     assert loaded is not None and loaded.samples == 8
     assert loaded.curve == pytest.approx(CAL.curve)
+    assert loaded.agreement == pytest.approx(CAL.agreement) and loaded.answer_tokens == CAL.answer_tokens
     assert CalibrationStore(reopened, "other-model", "l30").load() is None
     with pytest.raises(ValueError):
         CalibrationStore(reopened, "other-model", "l30").save(CAL)
@@ -82,6 +87,36 @@ def test_calibration_prompts_ask_about_their_documents() -> None:
     for docs, question, _ in calibration_prompts(5, docs=6, seed=1):
         town = question.split("documents, ")[1].split()[0]
         assert len(docs) == 6 and any(d.startswith(town) for d in docs)
+
+
+def test_a_curve_of_an_older_kvfuse_is_never_read_as_kept_answers(tmp_path: Path) -> None:
+    """Records of teacher-forced agreement (the first format) stay where they are but are not used: ``auto``
+    must not take 0.99 agreement for 99% of answers kept."""
+    store = TieredStore.from_config(StoreConfig(cpu_bytes=1 << 20))
+    old_key = KeySpace("fp", "l30:calibration", SYSTEM_NAMESPACE).chunk_key([0])
+    kv = torch.tensor([[0.3, 1.0, -1.0], [0.99, 1.0, 8.0]], dtype=torch.float32).reshape(1, 2, 1, 3, 1)
+    store.put(old_key, KVChunk(kv, torch.arange(3), "fp"))
+    assert CalibrationStore(store, "fp", "l30").load() is None
+    with pytest.raises(ValueError, match="older kvfuse"):
+        Calibration.from_dict("fp", {"curve": {"0.3": 0.99}, "samples": 8})
+    again = Calibration.from_dict("fp", CAL.as_dict())
+    assert again == CAL
+    store.close()
+
+
+def test_auto_decides_by_kept_answers_not_agreement() -> None:
+    """The measured case: 0.99 top-1 agreement at 0.30 while half of the answers changed."""
+    cal = Calibration("fp", {0.15: 0.4, 0.3: 0.5, 0.5: 0.6, 1.0: 1.0}, 8,
+                      agreement={0.15: 0.97, 0.3: 0.99, 0.5: 0.99, 1.0: 1.0}, answer_tokens=32)
+    decision = decide(feats(), PolicyConfig(), 0.95, cal)
+    assert decision.mode == "prefix" and decision.ratio is None
+    assert "95% of answers" in decision.reason and "0.50 kept 60%" in decision.reason
+    assert decide(feats(), PolicyConfig(), 0.5, cal).ratio == 0.3  # a tenant that accepts changed answers
+
+
+def test_a_rounding_miss_at_full_recompute_does_not_disqualify_smaller_budgets() -> None:
+    cal = Calibration("fp", {0.3: 1.0, 0.5: 1.0, 1.0: 0.875}, samples=8)
+    assert cal.ladder(0.95) == [0.3, 0.5]
 
 
 def test_ladder_ignores_a_lucky_small_budget() -> None:
