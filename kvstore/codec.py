@@ -57,6 +57,7 @@ __all__ = [
     "BlobHeader",
     "CodecError",
     "EncodedBlob",
+    "StreamCheck",
     "decode",
     "decode_buffer",
     "encode",
@@ -244,16 +245,20 @@ def peek_header(blob: Buffer) -> BlobHeader:
     return _parse(_as_bytes_view(blob))
 
 
-def _verify(mv: memoryview, expected_fingerprint: str | None) -> BlobHeader:
-    hdr = _parse(mv)
-    if mv.nbytes < hdr.total_nbytes:
-        raise TruncatedBlobError(f"blob is {mv.nbytes} bytes, expected {hdr.total_nbytes}")
-    if mv.nbytes > hdr.total_nbytes:
-        raise MalformedBlobError(f"{mv.nbytes - hdr.total_nbytes} trailing bytes after the payload")
+def _check_size(hdr: BlobHeader, size: int, expected_fingerprint: str | None) -> None:
+    if size < hdr.total_nbytes:
+        raise TruncatedBlobError(f"blob is {size} bytes, expected {hdr.total_nbytes}")
+    if size > hdr.total_nbytes:
+        raise MalformedBlobError(f"{size - hdr.total_nbytes} trailing bytes after the payload")
     if expected_fingerprint is not None and hdr.fingerprint != expected_fingerprint:
         raise FingerprintMismatchError(
             f"blob is for model {hdr.fingerprint!r}, expected {expected_fingerprint!r}"
         )
+
+
+def _verify(mv: memoryview, expected_fingerprint: str | None) -> BlobHeader:
+    hdr = _parse(mv)
+    _check_size(hdr, mv.nbytes, expected_fingerprint)
     if xxhash.xxh3_64_intdigest(mv[hdr.payload_offset :]) != hdr.payload_checksum:
         raise ChecksumError("payload checksum mismatch")
     return hdr
@@ -271,6 +276,65 @@ def _build(hdr: BlobHeader, payload: torch.Tensor) -> KVChunk:
         payload = payload.clone()
     kv = payload.view(dtype).view(hdr.kv_shape)
     return KVChunk(kv, hdr.positions(), hdr.fingerprint)
+
+
+class StreamCheck:
+    """Verifies a blob while it lands in a buffer in order, e.g. read from a file stripe by stripe:
+    :meth:`feed` each time more bytes are in, then :meth:`decode`. The header is checked as soon as its
+    bytes are in (a blob whose size disagrees with its header fails then, before the rest is read), and each
+    new piece of the payload is hashed while it is still in the CPU cache, so the checksum pass costs no
+    second trip to memory. The same checks as :func:`decode_buffer`; a problem raises a :class:`CodecError`.
+    """
+
+    def __init__(self, expected_fingerprint: str | None = None) -> None:
+        self._expected = expected_fingerprint
+        self._buf: torch.Tensor | None = None
+        self._mv = memoryview(b"")
+        self._hdr: BlobHeader | None = None
+        self._hasher = xxhash.xxh3_64()
+        self._hashed = 0  # payload bytes before this offset are hashed
+        self._error: CodecError | None = None
+
+    def feed(self, buf: torch.Tensor, end: int) -> None:
+        """Bytes ``[0, end)`` of ``buf`` (the blob's whole buffer, the same tensor on every call) are in.
+        Never raises a :class:`CodecError`: the first problem is kept, and :meth:`decode` raises it."""
+        if self._error is not None:
+            return
+        try:
+            self._feed(buf, end)
+        except CodecError as exc:
+            self._error = exc
+
+    def _feed(self, buf: torch.Tensor, end: int) -> None:
+        if self._buf is None:
+            if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
+                raise TypeError("StreamCheck needs a contiguous 1-D CPU uint8 tensor")
+            self._buf, self._mv = buf, (buf.numpy().data if buf.numel() else memoryview(b""))
+        elif buf is not self._buf:
+            raise ValueError("StreamCheck was fed two different buffers")
+        mv, size = self._mv, self._mv.nbytes
+        if self._hdr is None:
+            if end < size and (end < PREFIX_SIZE or end < header_nbytes(mv[:end])):
+                return  # the header is not complete yet
+            self._hdr = hdr = _parse(mv[:end])
+            _check_size(hdr, size, self._expected)
+            self._hashed = hdr.payload_offset
+        if end > self._hashed:
+            self._hasher.update(mv[self._hashed : end])
+            self._hashed = end
+
+    def decode(self) -> KVChunk:
+        """The chunk of the blob fed in full; its KV aliases the buffer fed (zero-copy)."""
+        buf, hdr = self._buf, self._hdr
+        if self._error is not None:
+            raise self._error
+        if buf is None or hdr is None:
+            raise TruncatedBlobError("blob ended before its header")
+        if self._hashed != hdr.total_nbytes:
+            raise TruncatedBlobError(f"blob fed up to byte {self._hashed} of {hdr.total_nbytes}")
+        if self._hasher.intdigest() != hdr.payload_checksum:
+            raise ChecksumError("payload checksum mismatch")
+        return _build(hdr, buf[hdr.payload_offset : hdr.total_nbytes])
 
 
 def decode(blob: Buffer, expected_fingerprint: str | None = None, *, copy: bool = False) -> KVChunk:

@@ -34,15 +34,36 @@ def read_exact(fd: int, buf: memoryview) -> None:
         got += n
 
 
-def read_file(path: str, alloc: Callable[[int], torch.Tensor] = empty_host) -> tuple[torch.Tensor, int]:
-    """The whole file in a host buffer from ``alloc`` (uint8 tensor; default: a fresh one), and its inode."""
+def read_file(
+    path: str,
+    alloc: Callable[[int], torch.Tensor] = empty_host,
+    consume: Callable[[torch.Tensor, int], object] | None = None,
+    stripe: int = 1 << 20,
+) -> tuple[torch.Tensor, int]:
+    """The whole file in a host buffer from ``alloc`` (uint8 tensor; default: a fresh one), and its inode.
+
+    With ``consume``, the file is read in stripes of ``stripe`` bytes and ``consume(buf, end)`` runs after
+    each one lands (bytes ``[0, end)`` are in; at least once, even for an empty file), while that stripe is
+    still in the CPU cache: with stripes about the size of an L2 cache, a checksum pass reads each from
+    there instead of from memory (measured on a 5.9 MB blob: read plus hash 20% faster than a read, then a
+    hash). ``consume`` may raise to stop reading.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        buf = alloc(st.st_size)
-        if st.st_size:
-            read_exact(fd, buf.numpy().data)
-        return buf, st.st_ino
+        size, ino = st.st_size, st.st_ino
+        buf = alloc(size)
+        mv = buf.numpy().data if size else memoryview(b"")
+        if consume is None:
+            read_exact(fd, mv)
+            return buf, ino
+        end = 0
+        while True:
+            start, end = end, min(size, end + max(1, stripe))
+            read_exact(fd, mv[start:end])
+            consume(buf, end)
+            if end >= size:
+                return buf, ino
     finally:
         os.close(fd)
 

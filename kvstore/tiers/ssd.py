@@ -25,7 +25,7 @@ from typing import Literal
 
 from kvstore.arena import HostArena
 from kvstore.chunk import KVChunk
-from kvstore.codec import EncodedBlob, decode_buffer, encode_parts, verify
+from kvstore.codec import EncodedBlob, StreamCheck, decode_buffer, encode_parts, verify
 from kvstore.errors import CodecError, TierError
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import BudgetedTier, Evicted, first_items
@@ -127,15 +127,16 @@ class SSDTier(BudgetedTier):
                 return None, 0
             self._policy.touch(key)
         path = self.path_of(key)
+        check = StreamCheck()  # verified while read: each stripe is hashed while it is still in cache
         try:
-            buf, ino = read_file(path, self._buffers.lease)
+            buf, ino = read_file(path, self._buffers.lease, check.feed)
         except FileNotFoundError:
             self._forget(key)
             return None, 0
         except (OSError, EOFError) as exc:
             raise self._error(f"ssd read failed: {_reason(exc)}") from exc
         try:
-            return decode_buffer(buf), buf.numel()
+            return check.decode(), buf.numel()
         except CodecError as exc:
             self._discard_corrupt(key, path, ino, exc)
             return None, 0

@@ -22,7 +22,7 @@ from kvstore import (
     peek_header,
     verify,
 )
-from kvstore.codec import ALIGN, PREFIX_SIZE, decode_buffer, encode_parts
+from kvstore.codec import ALIGN, PREFIX_SIZE, StreamCheck, decode_buffer, encode_parts
 from tests.kvstore.conftest import FP, assert_same, make_chunk
 
 
@@ -166,3 +166,64 @@ def test_every_byte_flip_rejected_exhaustively() -> None:
             bad[i] ^= mask
             with pytest.raises(CodecError):
                 decode(bytes(bad))
+
+
+def _stream(blob: bytes, stripe: int, expected_fingerprint: str | None = None) -> KVChunk:
+    """Decode ``blob`` with a :class:`StreamCheck`, fed as if read in stripes of ``stripe`` bytes."""
+    buf = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
+    check = StreamCheck(expected_fingerprint)
+    end = 0
+    while True:
+        end = min(len(blob), end + stripe)
+        check.feed(buf, end)  # never raises: a problem surfaces in decode()
+        if end >= len(blob):
+            return check.decode()
+
+
+@pytest.mark.parametrize("stripe", [1, 7, 64, 1000, 1 << 30])
+def test_stream_check_round_trip(stripe: int, dtype: torch.dtype) -> None:
+    chunk = make_chunk(33, dtype, seed=2, start=7)
+    blob = encode(chunk)
+    got = _stream(blob, stripe, FP)
+    assert_same(got, chunk)
+    assert_same(decode_buffer(torch.frombuffer(bytearray(blob), dtype=torch.uint8)), got)
+
+
+def test_stream_check_rejects_what_decode_rejects() -> None:
+    blob = encode(make_chunk(8))
+    with pytest.raises(FingerprintMismatchError):
+        _stream(blob, 100, "other-model")
+    with pytest.raises(TruncatedBlobError):
+        _stream(blob[:-1], 100)
+    with pytest.raises(MalformedBlobError):
+        _stream(blob + b"\0", 100)
+    for garbage in (b"", b"hello world", b"\0" * 200, b"KVFB" + b"\xff" * 100):
+        with pytest.raises(CodecError):
+            _stream(garbage, 3)
+    check = StreamCheck()  # fed only part of the blob: never a chunk
+    check.feed(torch.frombuffer(bytearray(blob), dtype=torch.uint8), len(blob) // 2)
+    with pytest.raises(TruncatedBlobError):
+        check.decode()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(which=st.integers(0, len(_BLOBS) - 1), pos=st.integers(0, 10**6), delta=st.integers(1, 255),
+       stripe=st.integers(1, 300), cut=st.integers(0, 10**6))
+def test_stream_check_rejects_any_mutation_or_truncation(which: int, pos: int, delta: int, stripe: int,
+                                                         cut: int) -> None:
+    blob = bytearray(_BLOBS[which])
+    i = pos % len(blob)
+    blob[i] = (blob[i] + delta) % 256
+    with pytest.raises(CodecError):
+        _stream(bytes(blob), stripe)
+    with pytest.raises(CodecError):
+        _stream(_BLOBS[which][: cut % len(blob)], stripe)
+
+
+def test_stream_check_every_byte_flip_rejected_exhaustively() -> None:
+    blob = _BLOBS[0]
+    for i in range(len(blob)):
+        bad = bytearray(blob)
+        bad[i] ^= 0x10
+        with pytest.raises(CodecError):
+            _stream(bytes(bad), 5)

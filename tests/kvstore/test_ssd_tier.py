@@ -5,6 +5,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -138,10 +139,10 @@ def test_batch_read_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     real = ssd_module.read_file
     bad = tier.path_of(key(1))
 
-    def flaky(path: str, alloc: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def flaky(path: str, alloc: Callable[[int], torch.Tensor], *args: Any) -> tuple[torch.Tensor, int]:
         if path == bad:
             raise OSError(errno.EIO, "Input/output error")
-        return real(path, alloc)
+        return real(path, alloc, *args)
 
     monkeypatch.setattr(ssd_module, "read_file", flaky)
     got = tier.get_many([key(0), key(1), key(2)])
