@@ -1,11 +1,12 @@
 """Store tier benchmark: put/get throughput and latency per tier, against the raw medium and (optionally)
 LMCache, all measured side by side in the same run.
 
-For each blob size and tier, every iteration runs the tier's ``put``/``get``, then the plain medium moving
+For each blob size and tier, every iteration runs the tier's ``put``/``get``, the plain medium moving
 the same bytes (``memcpy`` into / out of warm memory for CPU; a file write / read with the same fsync
-policy for SSD; plain redis-py ``SET``/``GET`` for Redis), then, with ``--peer lmcache`` where LMCache is
+policy for SSD; plain redis-py ``SET``/``GET`` for Redis) and, with ``--peer lmcache`` where LMCache is
 importable, LMCache's matching backend through its own ``StorageManager`` (see
-:mod:`workloads.bench_store_lmcache`), on the same blobs, directory and redis-server. Ratios:
+:mod:`workloads.bench_store_lmcache`), on the same blobs, directory and redis-server; the three take turns
+at going first, so that none always follows the same one. Ratios:
 ``ratio_vs_raw`` (tier / raw medium) and ``ratio_vs_lmcache`` (tier / LMCache). Without LMCache there is
 no peer column: no number is shown that was not measured in this run.
 
@@ -91,6 +92,20 @@ def _timed(fn: Callable[..., object], *args: Any) -> float:
     return time.perf_counter() - start
 
 
+_Op = tuple[str, Callable[..., object], tuple[Any, ...]]
+
+
+def _rotated(ops: list[_Op], i: int, times: dict[str, list[float]] | None) -> None:
+    """Time ``ops`` in turn, starting with the ``i``-th (mod their number): no side always runs right after
+    the same other one, whose traffic leaves the caches (and, on a small machine, the cores) in a state that
+    would favour or cost whatever follows, every time."""
+    k = i % len(ops)
+    for name, fn, args in ops[k:] + ops[:k]:
+        t = _timed(fn, *args)
+        if times is not None:
+            times[name].append(t)
+
+
 def _make_tier(
     kind: str, nbytes: int, iterations: int, *, ssd_dir: str, fsync: str, redis_url: str | None
 ) -> Tier:
@@ -152,24 +167,20 @@ def bench_one(
         for i in range(n):
             raw.prepare(i, len(blob))
         for i, key in enumerate(keys):
-            row = [_timed(tier.put, key, chunk), _timed(raw.put, i, blob)]
+            puts: list[_Op] = [("put", tier.put, (key, chunk)), ("raw_put", raw.put, (i, blob))]
             if lmc is not None:
-                row.append(_timed(lmc.put, i, src))
-            if i >= warmup:
-                for name, t in zip(("put", "raw_put", "peer_put"), row, strict=False):
-                    times[name].append(t)
+                puts.append(("peer_put", lmc.put, (i, src)))
+            _rotated(puts, i, times if i >= warmup else None)
         for i, key in enumerate(keys):
             if cold and isinstance(tier, SSDTier):
                 drop_page_cache(tier.path_of(key))
                 drop_page_cache(raw.path(i))
                 if lmc is not None:
                     drop_page_cache(lmc.backend._key_to_path(lmc.key(i)))
-            row = [_timed(tier.get, key), _timed(raw.get, i)]
+            gets: list[_Op] = [("get", tier.get, (key,)), ("raw_get", raw.get, (i,))]
             if lmc is not None:
-                row.append(_timed(lmc.get, i, out))
-            if i >= warmup:
-                for name, t in zip(("get", "raw_get", "peer_get"), row, strict=False):
-                    times[name].append(t)
+                gets.append(("peer_get", lmc.get, (i, out)))
+            _rotated(gets, i, times if i >= warmup else None)
         got = tier.get(keys[-1])
         if got is None or not torch.equal(got.kv, chunk.kv):
             raise RuntimeError(f"{kind} tier returned wrong data in the benchmark")

@@ -81,3 +81,16 @@ def test_unknown_names_refused() -> None:
         bench_store.run(["nope"], ["cpu"], 1)
     with pytest.raises(ValueError):
         bench_store.run(["tiny-fp32"], ["cpu"], 1, peer="other")
+
+
+def test_sides_take_turns_at_going_first() -> None:
+    """No side always runs right after the same other one (its cache traffic would favour or cost it)."""
+    order: list[str] = []
+    ops = [(name, order.append, (name,)) for name in ("tier", "raw", "peer")]
+    times: dict[str, list[float]] = {name: [] for name in ("tier", "raw", "peer")}
+    for i in range(3):
+        bench_store._rotated(ops, i, times)
+    assert order == ["tier", "raw", "peer", "raw", "peer", "tier", "peer", "tier", "raw"]
+    assert all(len(t) == 3 for t in times.values())
+    bench_store._rotated(ops, 0, None)  # warm-up: run, not recorded
+    assert all(len(t) == 3 for t in times.values())
