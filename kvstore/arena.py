@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import logging
 import mmap
+import os
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import numpy as np
 import torch
@@ -41,6 +45,29 @@ _SUBCLASSES = 4
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not exported by the mmap module
 _POPULATE_STEP = 32 << 20
 _populator = ThreadPoolExecutor(1, thread_name_prefix="kvstore-arena-populate")
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return cast(Callable[[int, int, int], int], fn)
+
+
+_madvise = _libc_madvise()
+
+
+def _populate(mm: mmap.mmap, base: int, start: int, length: int) -> None:
+    """Fault ``length`` bytes from page-aligned ``start`` of ``mm`` (mapped at ``base``) in, contents unchanged.
+    Through libc, which ctypes calls without the GIL: ``mmap.madvise`` holds it throughout, and faulting
+    32 MiB in takes about 30 ms on a VM, during which no other thread of the process ran."""
+    if _madvise is None:
+        mm.madvise(_MADV_POPULATE_WRITE, start, length)
+    elif _madvise(base + start, length, _MADV_POPULATE_WRITE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _size_class(units: int) -> int:
@@ -198,9 +225,9 @@ class HostArena:
                     start = self._populated
                 if start >= target:
                     break
-                end = min(target, start + _POPULATE_STEP)
+                end = min(self.capacity, -(-min(target, start + _POPULATE_STEP) // mmap.PAGESIZE) * mmap.PAGESIZE)
                 try:
-                    mm.madvise(_MADV_POPULATE_WRITE, start, end - start)
+                    _populate(mm, int(self._array.ctypes.data), start, end - start)
                 except (OSError, ValueError):  # an old kernel: first touch will fault pages in
                     with self._lock:
                         self._populated = self.capacity
