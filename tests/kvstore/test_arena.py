@@ -218,3 +218,16 @@ def test_populate_reaches_unaligned_targets() -> None:
     arena._populate_to(3 * 4096 + 100)  # a target inside a page: that page is populated too, and later ones
     arena._populate_to(5 << 20)
     assert 5 << 20 <= arena._populated < 8 << 20  # not given up (an unaligned madvise fails with EINVAL)
+
+
+@pytest.mark.parametrize("nbytes", [1, 1 << 20, (7 << 20) + 12345])
+def test_host_copies_are_exact(nbytes: int) -> None:
+    from kvstore.tiers import memory
+
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    memory._copy_into(dst, src)
+    assert torch.equal(dst, src)
+    strided = torch.zeros(2, 3, dtype=torch.uint8)[:, 0]  # a non-contiguous destination: torch's copy
+    memory._copy_into(strided, torch.tensor([7, 9], dtype=torch.uint8))
+    assert strided.tolist() == [7, 9]
