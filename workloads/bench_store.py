@@ -232,10 +232,14 @@ def run(
     ssd_cache: str = "cold",
     peer: str = "none",
     steps: Steps | None = None,
+    repeat: int = 1,
 ) -> dict[str, Any]:
     """Benchmark ``tiers`` on blobs of ``sizes``; starts a local redis-server when none is given; ``steps``
-    follows the (size, tier) runs."""
+    follows the (size, tier) runs. ``repeat`` > 1: that many rounds over every size and tier, each result
+    then the median of its rounds (see :func:`_combine`), so that one noisy round does not decide."""
     steps = steps or Steps()
+    if repeat < 1:
+        raise ValueError("repeat must be >= 1")
     unknown = [s for s in sizes if s not in SIZES] + [t for t in tiers if t not in TIERS]
     if unknown or peer not in PEERS:
         raise ValueError(f"unknown sizes/tiers/peer: {unknown or peer}; sizes: {sorted(SIZES)}, tiers: {TIERS}")
@@ -247,7 +251,7 @@ def run(
         else:
             notes.append("no peer column: LMCache is not importable (scripts/test-lmcache.sh builds a venv with it)")
             peer = "none"
-    results: list[dict[str, Any]] = []
+    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with ExitStack() as stack:
         if "redis" in tiers and redis_url is None:
             if redis_server_binary() is None:
@@ -263,19 +267,22 @@ def run(
         work = tempfile.mkdtemp(prefix="run-", dir=directory)
         stack.callback(shutil.rmtree, work, True)
         where = {"ssd_dir": work, "fsync": fsync, "redis_url": redis_url}
-        steps.begin(len(sizes) * len(tiers))
-        for size in sizes:
-            for kind in tiers:
-                steps.now(f"{size} {kind}")
+        steps.begin(repeat * len(sizes) * len(tiers))
+        for n in range(repeat):
+            for size, kind in ((size, kind) for size in sizes for kind in tiers):
+                steps.now(f"{size} {kind}" + (f" ({n + 1}/{repeat})" if repeat > 1 else ""))
                 cold = ssd_cache == "cold"
-                results.append(bench_one(kind, size, SIZES[size], iterations, warmup, cold, peer, **where))
+                got = bench_one(kind, size, SIZES[size], iterations, warmup, cold, peer, **where)
+                rounds.setdefault((size, kind), []).append(got)
                 steps.done()
+    results = [runs[0] if len(runs) == 1 else _combine(runs) for runs in rounds.values()]
     if peer_version and fsync == "always":
         notes.append("LMCache never fsyncs: compare SSD with --fsync never for the same durability")
     return {
         "meta": {
             "iterations": iterations,
             "warmup": warmup,
+            "repeat": repeat,
             "fsync": fsync,
             "ssd_cache": ssd_cache,
             "ssd_dir": ssd_dir or "(temp dir)",
@@ -287,6 +294,26 @@ def run(
         },
         "results": results,
     }
+
+
+def _median_of(values: list[Any]) -> Any:
+    """Field by field median of equally shaped values (numbers, and dicts of them); anything else, or
+    values all equal: the first."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _median_of([v[k] for v in values]) for k in first}
+    if isinstance(first, float | int) and not isinstance(first, bool) and any(v != first for v in values):
+        return float(np.median(values))
+    return first
+
+
+def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from rounds of the same tier and size: the median of every figure, each ratio the median
+    of the rounds' ratios (not a ratio of medians); the rounds' ratios are kept under ``rounds``."""
+    out: dict[str, Any] = _median_of(runs)
+    out["floor_ok"] = bool(out["ratio_vs_raw"]["put"] >= FLOOR and out["ratio_vs_raw"]["get"] >= FLOOR)
+    out["rounds"] = [{k: r[k] for k in ("ratio_vs_raw", "ratio_vs_lmcache")} for r in runs]
+    return out
 
 
 def _gbps(side: dict[str, float]) -> str:
@@ -326,6 +353,8 @@ def render(report: dict[str, Any], console: Any = None) -> None:
     for table in (tput, lat, vs_peer) if peer else (tput, lat):
         console.print(table)
     console.print("sizes: " + ", ".join(f"{name} = {mb}" for name, mb in sizes.items()) + f"; ×raw floor {FLOOR}")
+    if report["meta"].get("repeat", 1) > 1:
+        console.print(f"medians of {report['meta']['repeat']} rounds; each ratio: the median of the rounds' ratios")
     console.print(
         "* CPU tier get is zero-copy (returns views of its arena); raw CPU = memcpy into/out of warm memory. "
         "Prefetch: the blob promoted from SSD/Redis into a CPU tier, then that CPU-tier get."

@@ -94,3 +94,22 @@ def test_sides_take_turns_at_going_first() -> None:
     assert all(len(t) == 3 for t in times.values())
     bench_store._rotated(ops, 0, None)  # warm-up: run, not recorded
     assert all(len(t) == 3 for t in times.values())
+
+
+def test_repeat_reports_medians_of_the_rounds(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    report = bench_store.run(["tiny-fp32"], ["cpu", "ssd"], 2, warmup=0, ssd_dir=str(tmp_path), repeat=3)
+    assert report["meta"]["repeat"] == 3 and len(report["results"]) == 2
+    for r in report["results"]:
+        rounds = r["rounds"]
+        assert len(rounds) == 3 and isinstance(r["size"], str) and r["bytes"] == int(r["bytes"])
+        for op in ("put", "get"):
+            assert r["ratio_vs_raw"][op] == pytest.approx(sorted(x["ratio_vs_raw"][op] for x in rounds)[1])
+        assert r["floor_ok"] == (min(r["ratio_vs_raw"].values()) >= bench_store.FLOOR)
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    bench_store.render(report, console)
+    text = console.export_text()
+    assert "medians of 3 rounds" in text and max(map(len, text.splitlines())) <= 80
+    with pytest.raises(ValueError):
+        bench_store.run(["tiny-fp32"], ["cpu"], 1, repeat=0)
