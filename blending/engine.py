@@ -20,7 +20,7 @@ from blending.cacheblend import BlendConfig, blend
 from blending.calibration import Calibration, CalibrationStore
 from blending.decode import SamplingParams, dense_prefill, generate_tokens, teacher_forced_logits
 from blending.fused import FusedKV, Reuse, SegmentInput
-from blending.guard import FidelityGuard, GuardConfig
+from blending.guard import FidelityGuard, GuardConfig, Shadow
 from blending.lookup import KVValidator, exact_inputs, exact_length, lookup_hot, lookup_store
 from blending.model import LoadedModel
 from blending.planner import MODES, KeySpaces, Mode, Plan, PromptSegment, make_plan
@@ -85,6 +85,7 @@ class PrefillResult:
     namespace: str = "default"
     exact_len: int = 0  # leading tokens whose KV equals a dense prefill's
     queue_s: float = field(default_factory=current_queue_s)  # waited for the model before the prefill ran
+    shadow: Shadow | None = None  # auto ran exact-only for want of evidence: the guard may blend it aside
 
     def report(self) -> ReuseReport:
         """The token accounting (checked: it adds up to ``prompt_tokens``), mode, TTFT and queue time."""
@@ -228,9 +229,11 @@ class Engine:
             mode, reason, hot = "dense", "dynamic rope: positions beyond the trained length", None
             plan = self.plan(request.segments, request.namespace)
         bases: Plan | None = None  # auto: the anchor plan whose missing bases this request can publish
+        shadow: Shadow | None = None
         if mode == "auto":
             decision, plan, bases = self._decide(plan, hot, request, target)
             mode, ratio, reason = decision.mode, decision.ratio, decision.reason
+            shadow = Shadow(plan, hot, decision.shadow) if decision.shadow is not None else None
         elif mode in ("blend", "naive") and plan.hits == 0 and hot is None:
             mode, reason = "dense", "no cached KV for any segment"
         t_lookup = time.perf_counter()
@@ -268,6 +271,7 @@ class Engine:
             requested_mode=request.mode,
             namespace=request.namespace,
             exact_len=exact_len,
+            shadow=shadow,
         )
 
     def _decide(self, plan: Plan, hot: PrefixHit | None, request: PrefillRequest, target: float
@@ -286,8 +290,9 @@ class Engine:
             base_tokens = anchor_plan.cached_chunk_tokens
         features = Features(plan.num_tokens, exact, cached, base_tokens, self.adapter.shape.num_layers,
                             len(self.config.blend.check_layers))
-        escalation = self.guard.escalation(request.namespace) if self.guard is not None else 0
-        decision = decide(features, self.config.policy, target, self.calibration(), escalation)
+        guard, ns = self.guard, request.namespace
+        decision = decide(features, self.config.policy, target, self.calibration(),
+                          guard.escalation(ns) if guard else 0, guard.earned(ns) if guard else None)
         if decision.mode == "hybrid" and anchor_plan is not None:
             return decision, anchor_plan, None
         return decision, plan, anchor_plan if anchor_plan is not None and anchor_plan.misses else None

@@ -10,7 +10,11 @@ always taken. Approximate reuse (chunks blended, anchor-corrected shared message
     estimated time saving worth having;
   - the online guard (background dense re-runs of a sample) has not seen this tenant's kept answers fall
     below the target; while it has, the budget is raised one calibrated step per shortfall, or dense.
-Otherwise the request runs dense (after any exact prefix) and the decision says why.
+A tenant can also earn a budget from its own traffic: a request that runs exact-only for want of evidence
+names ``shadow_ratio``, the guard blends a sample of those at that budget in the background and compares
+the answers with the exact ones, and once enough of them were kept (``GuardConfig.min_evidence``) that
+tenant's requests blend at it, whatever the model-wide curve says (its workload, not the calibration's,
+decides). Otherwise the request runs dense (after any exact prefix) and the decision says why.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class PolicyConfig:
     calibrated budget. ``min_prompt_tokens``: shorter prompts run dense. ``min_reuse_tokens`` / ``min_reuse_share``: the
     approximately reusable tokens needed (count and share of the prompt). ``min_saving``: the estimated
     share of prefill work saved below which approximate reuse is not worth its risk. ``max_ratio``: the
-    largest recompute budget ``auto`` uses."""
+    largest recompute budget ``auto`` uses. ``shadow_ratio``: the budget a tenant can earn from its own
+    traffic (0: never)."""
 
     fidelity_target: float = 0.95
     min_prompt_tokens: int = 256
@@ -35,6 +40,7 @@ class PolicyConfig:
     min_reuse_share: float = 0.3
     min_saving: float = 0.3
     max_ratio: float = 0.6
+    shadow_ratio: float = 0.3
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fidelity_target <= 1.0:
@@ -43,6 +49,8 @@ class PolicyConfig:
             raise ValueError("min_reuse_share and min_saving are shares in [0, 1)")
         if not 0.0 < self.max_ratio <= 1.0:
             raise ValueError("max_ratio must be within (0, 1]")
+        if not 0.0 <= self.shadow_ratio <= self.max_ratio:
+            raise ValueError("shadow_ratio must be within [0, max_ratio]")
 
 
 TARGET_RANGE = "fidelity_target is the share of answers that must equal dense's, in (0, 1]"
@@ -76,6 +84,7 @@ class Decision(NamedTuple):
     ratio: float | None
     reason: str
     saving: float  # estimated share of prefill work saved
+    shadow: float | None = None  # exact-only for want of evidence: blend this request at it in the background
 
 
 def estimated_saving(f: Features, approx_tokens: int, ratio: float) -> float:
@@ -88,9 +97,11 @@ def estimated_saving(f: Features, approx_tokens: int, ratio: float) -> float:
 
 
 def decide(
-    f: Features, config: PolicyConfig, target: float, calibration: Calibration | None, escalation: int = 0
+    f: Features, config: PolicyConfig, target: float, calibration: Calibration | None, escalation: int = 0,
+    earned: float | None = None,
 ) -> Decision:
-    """The auto mode's choice for one request (pure: no I/O, easy to test)."""
+    """The auto mode's choice for one request (pure: no I/O, easy to test). ``earned``: the budget at which
+    this tenant's own sampled answers were kept (see the module docstring)."""
     exact = "prefix" if f.exact_tokens > 0 else "dense"
     approx = f.cached_tokens if f.cached_tokens else f.base_tokens
     method = "blend" if f.cached_tokens else "hybrid"
@@ -104,18 +115,18 @@ def decide(
         return safe(f"short prompt ({f.prompt_tokens} < {config.min_prompt_tokens} tokens): exact only")
     if approx < config.min_reuse_tokens or approx < config.min_reuse_share * f.prompt_tokens:
         return safe(f"little reusable text ({approx} of {f.prompt_tokens} tokens): exact only")
-    if calibration is None:
-        return safe("no calibration for this model yet: exact only (run `kvfuse calibrate`)")
-    ladder = calibration.ladder(target)
-    if not ladder:
-        return safe(f"no calibrated budget keeps {target:.0%} of answers equal to dense's{_best(calibration)}: "
-                    "exact only")
-    if escalation >= len(ladder):
-        return safe(f"guard: answers changed at every budget (target {target:.0%} kept): exact only")
-    ratio = ladder[escalation]
-    if ratio > config.max_ratio:
-        return safe(f"budget {ratio:.2f} keeps {target:.0%} of answers but exceeds {config.max_ratio:.2f}"
-                    f"{_best(calibration)}: exact only")
+    unproven = _unproven(calibration, target, escalation, config)
+    if unproven is not None:
+        # An earned budget was judged at the service's target: a stricter request target does not use it.
+        if earned is not None and target <= config.fidelity_target and method == "blend":
+            saving = estimated_saving(f, approx, earned)
+            if saving >= config.min_saving:
+                return Decision(method, earned, f"{method} {earned:.2f}: this tenant's sampled answers were kept "
+                                f"at it ({unproven})", saving)
+        shadow = config.shadow_ratio if method == "blend" and config.shadow_ratio > 0.0 else None
+        return safe(f"{unproven}: exact only")._replace(shadow=shadow)
+    assert calibration is not None
+    ratio = calibration.ladder(target)[escalation]
     saving = estimated_saving(f, approx, ratio)
     if saving < config.min_saving:
         return safe(f"estimated saving {saving:.2f} below {config.min_saving:.2f}: exact only")
@@ -123,3 +134,18 @@ def decide(
     if escalation:
         why += f" (guard raised the budget {escalation} step{'s' if escalation > 1 else ''})"
     return Decision(method, ratio, why, saving)
+
+
+def _unproven(calibration: Calibration | None, target: float, escalation: int, config: PolicyConfig) -> str | None:
+    """Why the model-wide curve names no budget for this request (None when it does)."""
+    if calibration is None:
+        return "no calibration for this model yet (run `kvfuse calibrate`)"
+    ladder = calibration.ladder(target)
+    if not ladder:
+        return f"no calibrated budget keeps {target:.0%} of answers equal to dense's{_best(calibration)}"
+    if escalation >= len(ladder):
+        return f"guard: answers changed at every budget (target {target:.0%} kept)"
+    if ladder[escalation] > config.max_ratio:
+        return (f"budget {ladder[escalation]:.2f} keeps {target:.0%} of answers but exceeds {config.max_ratio:.2f}"
+                f"{_best(calibration)}")
+    return None

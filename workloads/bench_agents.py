@@ -22,7 +22,7 @@ from blending.anchors import AnchorConfig
 from blending.calibration import Calibration
 from blending.decode import SamplingParams
 from blending.engine import Engine, EngineConfig, PrefillRequest
-from blending.fidelity import DEFAULT_RATIOS, dense_answer, fidelity, measure_curve
+from blending.fidelity import DEFAULT_RATIOS, dense_answer, fidelity, keeps_answer, measure_curve
 from blending.guard import GuardConfig
 from blending.model import ModelSpec, load_model
 from blending.planner import PromptSegment
@@ -74,6 +74,7 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
             prompt_tokens.append(dense.fused.stats.total_tokens)
             if t >= warmup:
                 rows["dense"].append({"reused": 0.0, "cached_share": 0.0, "ttft_ratio": 1.0, "agreement": 1.0,
+                                      "same": 1.0,
                                       "kl": 0.0,
                                       "ttft_ms": dense.ttft_s * 1000, "final": float(final), "agent": float(a),
                                       "correct": float(final and check_answer(task, text))})
@@ -86,6 +87,7 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
                 if t < warmup:
                     continue
                 fid = fidelity(eng, result, reference, answer)
+                same = float(keeps_answer(eng, result, answer, answer_tokens))
                 correct = 0.0
                 if final:
                     out = [tok for tok, _ in eng.generate(result, params)]
@@ -95,6 +97,7 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
                                      "cached_share": (st.exact_tokens + st.reused_tokens) / st.total_tokens,
                                      "ttft_ms": result.ttft_s * 1000,
                                      "ttft_ratio": result.ttft_s / dense.ttft_s, "agreement": fid.agreement,
+                                     "same": same,
                                      "kl": fid.kl, "final": float(final), "agent": float(a), "correct": correct})
             steps.done()
     for eng in engines.values():
@@ -114,6 +117,7 @@ def _summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
             "ttft_ratio": statistics.fmean(r["ttft_ratio"] for r in rows),
             "ttft_ratio_reused": statistics.fmean(r["ttft_ratio"] for r in reused),
             "agreement": statistics.fmean(r["agreement"] for r in rows),
+            "same_answer": statistics.fmean(r["same"] for r in rows),
             "kl": statistics.fmean(r["kl"] for r in rows),
             "accuracy": statistics.fmean(r["correct"] for r in finals) if finals else float("nan"),
             "correct": int(sum(r["correct"] for r in finals)), "finals": len(finals),
@@ -169,18 +173,18 @@ def render(results: list[dict[str, Any]], topology: str, warmup: int, sheets: in
     """One row per number of agents and method, and a legend."""
     recurring = f", {sheets} recurring fact sheets" if sheets else ""
     table = bench_table(f"multi-agent reuse ({topology}{recurring}, after {warmup} warm-up tasks)", "agents",
-                        ["method", "reuse", "from cache", "TTFT / dense", "TTFT / dense reused", "top-1 agree", "KL",
+                        ["method", "reuse", "from cache", "TTFT / dense", "same answer", "top-1 agree", "KL",
                          "accuracy"], labels=2)
     for r in results:
         for m, s in r["methods"].items():
             table.add_row(str(r["agents"]), m, f"{s['reuse_rate']:.2f}", f"{s['cached_share']:.2f}",
-                          f"{s['ttft_ratio']:.3f}", f"{s['ttft_ratio_reused']:.3f}", f"{s['agreement']:.3f}",
+                          f"{s['ttft_ratio']:.3f}", f"{s['same_answer']:.2f}", f"{s['agreement']:.3f}",
                           f"{max(s['kl'], 0.0):.4f}", f"{s['correct']}/{s['finals']}")
     console.print(table)
     console.print(f"auto's calibration curve (answers kept): {cal.as_dict()['curve']}. reuse: share of calls "
-                  "served without a "
-                  "dense fallback; from cache: share of prompt tokens reused; accuracy: final answers "
-                  "correct / final answers.")
+                  "served without a dense fallback; from cache: share of prompt tokens reused; same answer: share "
+                  "of calls whose greedy reply equals dense's token for token; accuracy: final answers correct / "
+                  "final answers.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -178,7 +178,8 @@ def bench_rag(
     doc_tokens: Annotated[int, typer.Option(min=8, help="approximate tokens per document (40 with --quick)")] = 140,
     answer_tokens: AnswerTokens = 10,
     accuracy_tokens: AccuracyTokens = 24,
-    fidelity_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="auto's top-1 agreement target")] = 0.95,
+    fidelity_target: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="auto's target: share of answers kept equal to dense's")] = 0.95,
     calibration_prompts: CalPrompts = 8,
     long_tokens: Annotated[int, typer.Option(min=0, help="also time blending at this context length, tokens "
                                                          "(0: off; at most 300 with --quick)")] = 0,

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from blending.calibration import calibration_prompts, document_segments
+from blending.calibration import Calibration, calibration_prompts, document_segments
 from blending.engine import Engine, EngineConfig, PrefillRequest
 from blending.fidelity import fidelity, greedy_answer, keeps_answer, measure_curve
 from blending.guard import GuardConfig
 from blending.model import LoadedModel
+from blending.policy import PolicyConfig
 from kvstore import StoreConfig, TieredStore
 from tests.blending.test_auto import long_request
 
@@ -68,4 +69,40 @@ def test_guard_reports_kept_answers(smollm2: LoadedModel) -> None:
     kept = keeps_answer(engine, result, greedy_answer(engine, dense, 32), 32)
     assert row["same_answer"] == float(kept) and row["samples"] == 1
     assert torch.isfinite(torch.tensor(row["agreement"]))
+    store.close()
+
+
+def test_a_tenant_earns_a_budget_from_its_own_kept_answers(smollm2: LoadedModel) -> None:
+    """auto runs exact-only (no calibrated budget keeps the answers), the guard blends those requests at the
+    shadow budget in the background and compares answers; once enough were kept (here at a target of 50%),
+    that tenant blends, and another tenant's traffic earns nothing for it."""
+    store = TieredStore.from_config(StoreConfig(cpu_bytes=256 << 20))
+    config = EngineConfig(guard=GuardConfig(sample_rate=1.0, min_evidence=2, window=2),
+                          policy=PolicyConfig(fidelity_target=0.5))
+    engine = Engine(smollm2, store, config)
+    engine.set_calibration(Calibration(engine.fingerprint, {0.3: 0.25, 1.0: 1.0}, samples=8))
+    engine.writeback(engine.prefill(long_request((0, 1, 2))))
+    assert engine.guard is not None
+    first = engine.prefill(long_request((2, 1, 0)))
+    assert first.mode == "prefix" and first.shadow is not None and first.shadow.ratio == 0.3
+    engine.guard.drain()
+    # The same blend, computed apart from the store's in-context chunks, keeps the answer iff the guard says so.
+    probe = Engine(smollm2, store, EngineConfig(guard=GuardConfig(sample_rate=0.0)))
+    blended = probe.prefill(PrefillRequest(long_request((2, 1, 0)).segments, mode="blend", recompute_ratio=0.3))
+    dense = probe.prefill(long_request((2, 1, 0), mode="dense"))
+    kept = keeps_answer(probe, blended, greedy_answer(probe, dense, 32), 32)
+    shadow = engine.guard.snapshot("default")["shadow"]
+    assert shadow["samples"] == 1 and shadow["same_answer"] == float(kept)
+    assert engine.guard.earned("default") is None  # one comparison is not enough evidence
+    assert engine.prefill(long_request((1, 2, 0))).mode == "prefix"
+    engine.guard.drain()
+    row = engine.guard.snapshot("default")["shadow"]
+    assert row["samples"] == 2
+    assert (engine.guard.earned("default") == 0.3) == (row["same_answer"] >= 0.5)
+    assert engine.guard.earned("default") == 0.3, "on SmolLM2 one of these two answers is kept at 0.3"
+    earned = engine.prefill(long_request((0, 2, 1)))
+    assert earned.mode == "blend" and "sampled answers were kept" in (earned.fallback_reason or "")
+    engine.writeback(engine.prefill(long_request((0, 1, 2), namespace="other")))
+    other = engine.prefill(long_request((0, 2, 1), namespace="other"))
+    assert other.mode == "prefix" and other.shadow is not None and engine.guard.earned("other") is None
     store.close()

@@ -122,3 +122,25 @@ def test_a_rounding_miss_at_full_recompute_does_not_disqualify_smaller_budgets()
 def test_ladder_ignores_a_lucky_small_budget() -> None:
     noisy = Calibration("fp", {0.1: 0.96, 0.2: 0.93, 0.4: 0.95, 1.0: 1.0}, samples=8)
     assert noisy.ladder(0.95) == [0.4, 1.0]
+
+
+NO_BUDGET = Calibration("fp", {0.15: 0.4, 0.3: 0.5, 0.5: 0.6, 1.0: 1.0}, samples=8)
+
+
+def test_exact_only_for_want_of_evidence_names_a_shadow_budget() -> None:
+    decision = decide(feats(), CFG, 0.95, NO_BUDGET)
+    assert decision.mode == "prefix" and decision.shadow == CFG.shadow_ratio
+    assert decide(feats(), CFG, 0.95, None).shadow == CFG.shadow_ratio  # not calibrated yet
+    assert decide(feats(prompt=100, exact=10, cached=80), CFG, 0.95, NO_BUDGET).shadow is None  # short prompt
+    assert decide(feats(), CFG, 0.95, CAL).shadow is None  # the curve already names a budget
+    assert decide(feats(), PolicyConfig(shadow_ratio=0.0), 0.95, NO_BUDGET).shadow is None
+
+
+def test_a_tenant_blends_at_the_budget_its_own_answers_earned() -> None:
+    decision = decide(feats(), CFG, 0.95, NO_BUDGET, earned=0.3)
+    assert (decision.mode, decision.ratio) == ("blend", 0.3) and "sampled answers were kept" in decision.reason
+    assert decision.shadow is None
+    assert decide(feats(), CFG, 0.99, NO_BUDGET, earned=0.3).mode == "prefix"  # stricter than it was earned at
+    assert decide(feats(cached=0, base=800), CFG, 0.95, NO_BUDGET, earned=0.3).mode == "prefix"  # not for hybrid
+    with pytest.raises(ValueError, match="shadow_ratio"):
+        PolicyConfig(shadow_ratio=0.9)
