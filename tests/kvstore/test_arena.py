@@ -231,3 +231,13 @@ def test_host_copies_are_exact(nbytes: int) -> None:
     strided = torch.zeros(2, 3, dtype=torch.uint8)[:, 0]  # a non-contiguous destination: torch's copy
     memory._copy_into(strided, torch.tensor([7, 9], dtype=torch.uint8))
     assert strided.tolist() == [7, 9]
+
+
+def test_put_copies_noncontiguous_and_contiguous_chunks_exactly() -> None:
+    tier = MemoryTier(8 << 20)
+    base = make_chunk(16, torch.bfloat16, seed=4)
+    strided = KVChunk(base.kv.transpose(3, 4).contiguous().transpose(3, 4), base.positions, base.fingerprint)
+    assert not strided.kv.is_contiguous()
+    for i, chunk in enumerate((base, strided)):
+        tier.put(key(i), chunk)
+        assert_same(tier.get(key(i)), base)
