@@ -130,9 +130,12 @@ class Harness:
 
 
 def timed(engine: Engine, request: PrefillRequest, repeats: int = 2) -> tuple[float, PrefillResult]:
-    """Client-side time to first-token logits (best of ``repeats``: the machine is shared) and the result."""
+    """Client-side time to first-token logits (best of ``repeats``: the machine is shared) and the result.
+    Every repeat starts with the engine's hot prompt cache empty: a repeat must not be served the prompt
+    that the one before it just computed (an exact hit on its own earlier run, not reuse)."""
     best, result = float("inf"), None
     for _ in range(repeats):
+        engine.hot.clear()
         t0 = time.perf_counter()
         result = engine.prefill(request)
         best = min(best, time.perf_counter() - t0)

@@ -157,6 +157,8 @@ def bench_store(
     = SsdCache.cold,
     peer: Annotated[Peer, typer.Option(help="also measure LMCache's matching backend in the same run (where LMCache "
                                             "is importable)")] = Peer.none,
+    repeat: Annotated[int, typer.Option(min=1, help="rounds over every size and tier; each figure and ratio is "
+                                                "the median of its rounds")] = 1,
     json_out: JsonOut = None,
     quick: Annotated[bool, typer.Option("--quick", help="smoke test: tiny-fp32 and small-bf16 blobs, 3 iterations")]
     = False,
@@ -166,7 +168,8 @@ def bench_store(
     with progress_steps() as steps:
         report = mod.run(list(mod.QUICK_SIZES) if quick else csv(sizes), csv(tiers), 3 if quick else iterations,
                          warmup=1 if quick else warmup, redis_url=redis_url, ssd_dir=ssd_dir,
-                         fsync=fsync.value, ssd_cache=ssd_cache.value, peer=peer.value, steps=steps)
+                         fsync=fsync.value, ssd_cache=ssd_cache.value, peer=peer.value, steps=steps,
+                         repeat=repeat)
     mod.render(report)
     write_json(json_out, report)
 

@@ -11,7 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from blending.decode import SamplingParams, dense_prefill, generate_tokens, teacher_forced_logits
-from blending.model import ModelSpec, load_model
+from blending.engine import Engine, EngineConfig
+from blending.guard import GuardConfig
+from blending.model import LoadedModel, ModelSpec, load_model
+from kvstore import StoreConfig, TieredStore
+from tests.blending.test_auto import long_request
+from workloads.bench_rag import timed
 from workloads.cli import app
 
 
@@ -56,3 +61,14 @@ def test_decoding_hands_the_cache_to_the_model_without_warnings() -> None:
     assert forced.shape == full.shape == (4, full.shape[-1])
     assert forced.argmax(-1).tolist() == tokens.tolist() == full.argmax(-1).tolist()
     torch.testing.assert_close(forced, full, atol=2e-3, rtol=1e-3)
+
+
+def test_a_timed_repeat_is_not_served_its_own_earlier_run(smollm2: LoadedModel) -> None:
+    """The best of two repeats once timed auto's second run, which found the whole prompt the first had
+    just computed in the hot cache: 0.04x dense for a prompt that ran exact-only."""
+    store = TieredStore.from_config(StoreConfig(cpu_bytes=256 << 20))
+    engine = Engine(smollm2, store, EngineConfig(guard=GuardConfig(sample_rate=0.0)))
+    _, result = timed(engine, long_request((0, 1, 2)), repeats=2)
+    stats = result.fused.stats
+    assert result.mode in ("prefix", "dense") and stats.exact_tokens < stats.total_tokens // 2
+    store.close()

@@ -113,3 +113,15 @@ def test_repeat_reports_medians_of_the_rounds(tmp_path: Path) -> None:
     assert "medians of 3 rounds" in text and max(map(len, text.splitlines())) <= 80
     with pytest.raises(ValueError):
         bench_store.run(["tiny-fp32"], ["cpu"], 1, repeat=0)
+
+
+def test_repeat_is_a_command_line_option(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from workloads.cli import app
+
+    out = tmp_path / "store.json"
+    result = CliRunner().invoke(app, ["bench", "store", "--quick", "--tiers", "cpu", "--repeat", "2",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["meta"]["repeat"] == 2
