@@ -141,7 +141,7 @@ def _unproven(calibration: Calibration | None, target: float, escalation: int, c
     if calibration is None:
         return "no calibration for this model yet (run `kvfuse calibrate`)"
     ladder = calibration.ladder(target)
-    if not ladder:
+    if not ladder or ladder[0] >= 1.0:  # recomputing everything is not reuse
         return f"no calibrated budget keeps {target:.0%} of answers equal to dense's{_best(calibration)}"
     if escalation >= len(ladder):
         return f"guard: answers changed at every budget (target {target:.0%} kept)"

@@ -22,7 +22,7 @@ def test_bench_agents_quick(tmp_path: Path) -> None:
     assert set(report["calibration"]["curve"]) == {"0.15", "1"}
     (result_row,) = report["runs"]
     methods = result_row["methods"]
-    assert set(methods) == {"dense", "auto", "anchor", "hybrid", "base", "blend", "naive"}
+    assert set(methods) == {"dense", "auto", "learned", "anchor", "hybrid", "base", "blend", "naive"}
     assert 0.0 <= methods["auto"]["cached_share"] <= 1.0
     assert methods["dense"]["agreement"] == 1.0 and methods["dense"]["reuse_rate"] == 0.0
     assert all(0.0 <= m["agreement"] <= 1.0 and 0.0 <= m["reuse_rate"] <= 1.0 for m in methods.values())
