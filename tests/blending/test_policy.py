@@ -110,7 +110,8 @@ def test_auto_decides_by_kept_answers_not_agreement() -> None:
                       agreement={0.15: 0.97, 0.3: 0.99, 0.5: 0.99, 1.0: 1.0}, answer_tokens=32)
     decision = decide(feats(), PolicyConfig(), 0.95, cal)
     assert decision.mode == "prefix" and decision.ratio is None
-    assert "95% of answers" in decision.reason and "0.50 kept 60%" in decision.reason
+    assert "no calibrated budget keeps 95% of answers" in decision.reason  # 1.0 alone is not reuse
+    assert "0.50 kept 60%" in decision.reason
     assert decide(feats(), PolicyConfig(), 0.5, cal).ratio == 0.3  # a tenant that accepts changed answers
 
 
