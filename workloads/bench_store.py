@@ -324,6 +324,9 @@ def _ratio_cell(x: float, floor: float) -> str:
     return f"[green]{x:.2f}[/]" if x >= floor else f"[red]{x:.2f}[/]"
 
 
+_SHORT = {"LocalCPUBackend": "CPU", "LocalDiskBackend": "disk", "RemoteBackend": "RESP"}  # fits 80 columns
+
+
 def render(report: dict[str, Any], console: Any = None) -> None:
     """Print the results as rich tables that fit 80 columns: throughput against the raw medium, latency
     and prefetch, and (with a measured peer) against LMCache."""
@@ -336,7 +339,7 @@ def render(report: dict[str, Any], console: Any = None) -> None:
     tput = bench_table("kvfuse store tiers vs the raw medium, GB/s", "size", ["tier", *put_get], labels=2)
     lat = bench_table("latency, ms; prefetch into a CPU tier then CPU get, GB/s", "size",
                       ["tier", "put p50/p99", "get p50/p99", "prefetch → get"], labels=2)
-    vs_peer = bench_table(f"store tiers vs {peer}, GB/s", "size", ["tier", "LMCache backend", *put_get[:1],
+    vs_peer = bench_table(f"store tiers vs {peer}, GB/s", "size", ["tier", "LMCache", *put_get[:1],
                           "LMCache put", "×LMC", "get", "LMCache get", "×LMC"], labels=2)
     for r in results:
         label, zc = (r["size"], r["tier"]), "*" if r["zero_copy_get"] else ""
@@ -348,7 +351,8 @@ def render(report: dict[str, Any], console: Any = None) -> None:
                     "-" if pf is None else f"{_gbps(pf['prefetch'])} → {pf['cpu_get']['gbps']:.0f}")
         if peer:
             lm, vs = r["lmcache"], r["ratio_vs_lmcache"]
-            vs_peer.add_row(*label, lm["backend"], _gbps(r["put"]), _gbps(lm["put"]), _ratio_cell(vs["put"], 1.0),
+            vs_peer.add_row(*label, _SHORT.get(lm["backend"], lm["backend"]), _gbps(r["put"]), _gbps(lm["put"]),
+                            _ratio_cell(vs["put"], 1.0),
                             _gbps(r["get"]) + zc, _gbps(lm["get"]), _ratio_cell(vs["get"], 1.0))
     for table in (tput, lat, vs_peer) if peer else (tput, lat):
         console.print(table)
