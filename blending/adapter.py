@@ -179,11 +179,15 @@ class ModelAdapter:
 
         Returns (KV of all P + n tokens, float32 logits ``[n, vocab]`` of the new tokens).
         """
-        past = 0 if past_kv is None else past_kv.shape[3]
-        kv = self.empty_kv(past + token_ids.shape[0])
-        if past_kv is not None:
-            kv[:, :, :, :past] = past_kv
+        kv, past = self._buffer(token_ids, past_kv)
         return kv, self.logits(self._run_layers(kv, past, token_ids))
+
+    @torch.inference_mode()
+    def prefill_kv(self, token_ids: torch.Tensor, past_kv: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`prefill`'s KV alone, without the LM head (chunks computed to be stored)."""
+        kv, past = self._buffer(token_ids, past_kv)
+        self._run_layers(kv, past, token_ids)
+        return kv
 
     @torch.inference_mode()
     def prefill_into(self, kv: torch.Tensor, start: int, token_ids: torch.Tensor) -> torch.Tensor:
@@ -193,6 +197,14 @@ class ModelAdapter:
         end = start + token_ids.shape[0]
         hidden = self._run_layers(kv[:, :, :, :end], start, token_ids)
         return self.logits(hidden[-1:])[0]
+
+    def _buffer(self, token_ids: torch.Tensor, past_kv: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """A KV buffer for ``past_kv`` followed by ``token_ids``, the past copied in, and the past's length."""
+        past = 0 if past_kv is None else past_kv.shape[3]
+        kv = self.empty_kv(past + token_ids.shape[0])
+        if past_kv is not None:
+            kv[:, :, :, :past] = past_kv
+        return kv, past
 
     def _run_layers(self, kv: torch.Tensor, past: int, token_ids: torch.Tensor) -> torch.Tensor:
         """Every layer over ``token_ids`` at positions ``past..`` of ``kv`` (their KV written in place)."""

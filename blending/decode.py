@@ -111,6 +111,12 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
 
+    @classmethod
+    def greedy(cls, tokenizer: Any, max_tokens: int) -> SamplingParams:
+        """Greedy decoding of up to ``max_tokens`` tokens that stops at the tokenizer's end-of-sequence token."""
+        eos = tokenizer.eos_token_id
+        return cls(max_tokens=max_tokens, stop_token_ids=(eos,) if eos is not None else ())
+
 
 def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     if params.temperature <= 0.0:

@@ -37,8 +37,7 @@ def dense_answer(engine: Engine, request: PrefillRequest, max_tokens: int) -> tu
 
 def greedy_answer(engine: Engine, result: PrefillResult, max_tokens: int) -> torch.Tensor:
     """The greedy continuation of ``result`` (token ids, stop token excluded)."""
-    eos = engine.tokenizer.eos_token_id
-    params = SamplingParams(max_tokens=max_tokens, stop_token_ids=(eos,) if eos is not None else ())
+    params = SamplingParams.greedy(engine.tokenizer, max_tokens)
     ids = [t for t, _ in engine.generate(result, params) if t not in params.stop_token_ids]
     return torch.tensor(ids, dtype=torch.int64)
 
@@ -55,8 +54,7 @@ def keeps_answer(engine: Engine, result: PrefillResult, answer: torch.Tensor, ma
     """Whether the greedy answer decoded from ``result`` equals ``answer`` (dense's greedy answer of up to
     ``max_tokens`` tokens, stop token excluded) token for token, ending where it ends. Decoding stops at
     the first differing token."""
-    eos = engine.tokenizer.eos_token_id
-    params = SamplingParams(max_tokens=max_tokens, stop_token_ids=(eos,) if eos is not None else ())
+    params = SamplingParams.greedy(engine.tokenizer, max_tokens)
     return follows(engine.generate(result, params), answer.tolist(), params.stop_token_ids)
 
 

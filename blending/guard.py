@@ -182,10 +182,9 @@ class FidelityGuard:
     def _compare(self, reference: FusedKV, fused: FusedKV) -> tuple[float, float]:
         """(kept answer, top-1 agreement) of ``fused`` against ``reference`` (caller holds the model lock)."""
         engine = self.engine
-        eos = engine.tokenizer.eos_token_id
-        params = SamplingParams(max_tokens=self.config.answer_tokens, stop_token_ids=(eos,) if eos is not None else ())
-        answer = torch.tensor([t for t, _ in generate_tokens(engine.model, reference, params) if t != eos],
-                              dtype=torch.int64)
+        params = SamplingParams.greedy(engine.tokenizer, self.config.answer_tokens)
+        answer = torch.tensor([t for t, _ in generate_tokens(engine.model, reference, params)
+                               if t not in params.stop_token_ids], dtype=torch.int64)
         kept = float(follows(generate_tokens(engine.model, fused, params), answer.tolist(), params.stop_token_ids))
         if len(answer) == 0:
             return kept, float(int(torch.argmax(reference.last_logits)) == int(torch.argmax(fused.last_logits)))

@@ -115,7 +115,8 @@ def decide(
         return safe(f"short prompt ({f.prompt_tokens} < {config.min_prompt_tokens} tokens): exact only")
     if approx < config.min_reuse_tokens or approx < config.min_reuse_share * f.prompt_tokens:
         return safe(f"little reusable text ({approx} of {f.prompt_tokens} tokens): exact only")
-    unproven = _unproven(calibration, target, escalation, config)
+    ladder = calibration.ladder(target) if calibration is not None else []
+    unproven = _unproven(calibration, ladder, target, escalation, config)
     if unproven is not None:
         # An earned budget was judged at the service's target: a stricter request target does not use it.
         if earned is not None and target <= config.fidelity_target and method == "blend":
@@ -125,8 +126,7 @@ def decide(
                                 f"at it ({unproven})", saving)
         shadow = config.shadow_ratio if method == "blend" and config.shadow_ratio > 0.0 else None
         return safe(f"{unproven}: exact only")._replace(shadow=shadow)
-    assert calibration is not None
-    ratio = calibration.ladder(target)[escalation]
+    ratio = ladder[escalation]
     saving = estimated_saving(f, approx, ratio)
     if saving < config.min_saving:
         return safe(f"estimated saving {saving:.2f} below {config.min_saving:.2f}: exact only")
@@ -136,11 +136,12 @@ def decide(
     return Decision(method, ratio, why, saving)
 
 
-def _unproven(calibration: Calibration | None, target: float, escalation: int, config: PolicyConfig) -> str | None:
-    """Why the model-wide curve names no budget for this request (None when it does)."""
+def _unproven(calibration: Calibration | None, ladder: list[float], target: float, escalation: int,
+              config: PolicyConfig) -> str | None:
+    """Why the model-wide curve (its ``ladder`` at ``target``) names no budget for this request (None when
+    it does)."""
     if calibration is None:
         return "no calibration for this model yet (run `kvfuse calibrate`)"
-    ladder = calibration.ladder(target)
     if not ladder or ladder[0] >= 1.0:  # recomputing everything is not reuse
         return f"no calibrated budget keeps {target:.0%} of answers equal to dense's{_best(calibration)}"
     if escalation >= len(ladder):

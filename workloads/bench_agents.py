@@ -59,8 +59,7 @@ def run(num_agents: int, topology: str, tasks: int, warmup: int, prefix_tokens: 
         engines["auto"].set_calibration(calibration)
         engines["learned"].set_calibration(calibration)
     pipeline = make_pipeline(num_agents, topology, seed=seed, prefix_tokens=prefix_tokens)  # type: ignore[arg-type]
-    eos = loaded.tokenizer.eos_token_id
-    params = SamplingParams(max_tokens=accuracy_tokens, stop_token_ids=(eos,) if eos is not None else ())
+    params = SamplingParams.greedy(loaded.tokenizer, accuracy_tokens)
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in ("dense", *METHODS)}
     prompt_tokens: list[int] = []
     for t, task in enumerate(make_agent_tasks(tasks, seed=seed, fact_tokens=fact_tokens, sheets=sheets)):

@@ -77,6 +77,7 @@ def test_prefill_into_one_buffer_equals_whole(family: str) -> None:
     for start in range(0, 50, 16):
         last = adapter.prefill_into(buffer, start, ids[start : start + 16])
     torch.testing.assert_close(buffer, kv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(adapter.prefill_kv(ids), kv, atol=1e-5, rtol=1e-5)  # KV alone, no LM head
     assert last.shape == (adapter.shape.vocab_size,) and last.dtype == torch.float32
     torch.testing.assert_close(last, logits[-1], atol=1e-4, rtol=1e-4)
     with torch.inference_mode():
