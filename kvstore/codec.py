@@ -8,14 +8,17 @@ Layout (little endian)::
     payload: raw KV bytes, [layers, 2, kv_heads, T, head_dim] row-major (bf16 as its 16-bit pattern)
 
 The header checksum covers the first 12 prefix bytes and the msgpack header; the header carries the
-payload length and its xxh3_64. Any corruption raises a :class:`~kvstore.errors.CodecError`; decode never
-returns tensors from a bad blob.
+payload length, its segment size and its checksum (:mod:`kvstore.checksum`: per-segment digests, so that
+several cores share the hashing and a reader checks each segment as it lands). Version 1 blobs (one
+``xxh3_64`` over the whole payload, no segment size) still read. Any corruption raises a
+:class:`~kvstore.errors.CodecError`; decode never returns tensors from a bad blob.
 """
 
 from __future__ import annotations
 
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +27,15 @@ import numpy as np
 import torch
 import xxhash
 
+from kvstore.checksum import (
+    SEGMENT,
+    combine,
+    digest,
+    segment_bounds,
+    segmented_checksum,
+    valid_segment,
+    whole_checksum,
+)
 from kvstore.chunk import SUPPORTED_DTYPES, KVChunk, dtype_name
 from kvstore.errors import (
     ChecksumError,
@@ -34,12 +46,14 @@ from kvstore.errors import (
     UnsupportedVersionError,
 )
 from kvstore.hostmem import empty_host
+from kvstore.parallel import share_work
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little endian
     raise ImportError("kvstore.codec needs a little-endian host")
 
 MAGIC = b"KVFB"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 ALIGN = 64
 _PREFIX = struct.Struct("<4sHHIQ")
 PREFIX_SIZE = _PREFIX.size
@@ -57,13 +71,13 @@ __all__ = [
     "BlobHeader",
     "CodecError",
     "EncodedBlob",
-    "StreamCheck",
     "decode",
     "decode_buffer",
     "encode",
     "encode_parts",
     "header_nbytes",
     "peek_header",
+    "read_blob",
     "verify",
 ]
 
@@ -82,6 +96,7 @@ class BlobHeader:
     payload_offset: int
     payload_nbytes: int
     payload_checksum: int
+    segment: int  # bytes per checksum segment; 0: version 1, one checksum over the whole payload
     positions_data: bytes | tuple[int, ...] = field(repr=False)
 
     @property
@@ -136,7 +151,7 @@ def _payload_view(kv: torch.Tensor) -> memoryview:
 def encode_parts(chunk: KVChunk) -> EncodedBlob:
     """Encode ``chunk`` as header bytes plus a zero-copy view of its payload."""
     payload = _payload_view(chunk.kv)
-    checksum = xxhash.xxh3_64_intdigest(payload)
+    checksum = segmented_checksum(payload, SEGMENT)
     pos = chunk.positions.detach().to("cpu")
     pos_field: bytes | list[int]
     if pos.numel() == 0 or (int(pos.min()) >= _INT32[0] and int(pos.max()) <= _INT32[1]):
@@ -154,6 +169,7 @@ def encode_parts(chunk: KVChunk) -> EncodedBlob:
             "pos": pos_field,
             "n": payload.nbytes,
             "xxh": checksum,
+            "seg": SEGMENT,
         },
         use_bin_type=True,
     )
@@ -183,8 +199,8 @@ def header_nbytes(prefix: Buffer) -> int:
     magic, version, flags, header_len, _ = _PREFIX.unpack_from(mv, 0)
     if magic != MAGIC:
         raise MalformedBlobError("not a kvfuse blob (bad magic)")
-    if version != FORMAT_VERSION:
-        raise UnsupportedVersionError(f"blob format version {version}; this build reads {FORMAT_VERSION}")
+    if version not in READ_VERSIONS:
+        raise UnsupportedVersionError(f"blob format version {version}; this build reads {READ_VERSIONS}")
     if flags != 0:
         raise MalformedBlobError(f"unknown flags {flags:#x}")
     if header_len == 0 or header_len > MAX_HEADER_BYTES:
@@ -225,6 +241,9 @@ def _parse(mv: memoryview) -> BlobHeader:
     layers, heads, head_dim = _get_int(hdr, "L", 1), _get_int(hdr, "H", 1), _get_int(hdr, "D", 1)
     tokens = _get_int(hdr, "T")
     nbytes, checksum = _get_int(hdr, "n", 0, 2**62), _get_int(hdr, "xxh", 0, 2**64 - 1)
+    segment = hdr.get("seg", 0) if version >= 2 else 0
+    if version >= 2 and not valid_segment(segment):
+        raise MalformedBlobError(f"header field 'seg' is invalid: {segment!r}")
     if nbytes != layers * 2 * heads * tokens * head_dim * _ELEM_SIZE[dt]:
         raise MalformedBlobError("payload length does not match the KV shape")
     if isinstance(pos, bytes):
@@ -235,9 +254,7 @@ def _parse(mv: memoryview) -> BlobHeader:
             raise MalformedBlobError("positions do not match the token count")
     else:
         raise MalformedBlobError("header field 'pos' is invalid")
-    return BlobHeader(
-        version, fingerprint, dt, layers, heads, tokens, head_dim, offset, nbytes, checksum, pos
-    )
+    return BlobHeader(version, fingerprint, dt, layers, heads, tokens, head_dim, offset, nbytes, checksum, segment, pos)
 
 
 def peek_header(blob: Buffer) -> BlobHeader:
@@ -251,15 +268,15 @@ def _check_size(hdr: BlobHeader, size: int, expected_fingerprint: str | None) ->
     if size > hdr.total_nbytes:
         raise MalformedBlobError(f"{size - hdr.total_nbytes} trailing bytes after the payload")
     if expected_fingerprint is not None and hdr.fingerprint != expected_fingerprint:
-        raise FingerprintMismatchError(
-            f"blob is for model {hdr.fingerprint!r}, expected {expected_fingerprint!r}"
-        )
+        raise FingerprintMismatchError(f"blob is for model {hdr.fingerprint!r}, expected {expected_fingerprint!r}")
 
 
 def _verify(mv: memoryview, expected_fingerprint: str | None) -> BlobHeader:
     hdr = _parse(mv)
     _check_size(hdr, mv.nbytes, expected_fingerprint)
-    if xxhash.xxh3_64_intdigest(mv[hdr.payload_offset :]) != hdr.payload_checksum:
+    payload = mv[hdr.payload_offset :]
+    got = segmented_checksum(payload, hdr.segment) if hdr.segment else whole_checksum(payload)
+    if got != hdr.payload_checksum:
         raise ChecksumError("payload checksum mismatch")
     return hdr
 
@@ -276,65 +293,6 @@ def _build(hdr: BlobHeader, payload: torch.Tensor) -> KVChunk:
         payload = payload.clone()
     kv = payload.view(dtype).view(hdr.kv_shape)
     return KVChunk(kv, hdr.positions(), hdr.fingerprint)
-
-
-class StreamCheck:
-    """Verifies a blob while it lands in a buffer in order, e.g. read from a file stripe by stripe:
-    :meth:`feed` each time more bytes are in, then :meth:`decode`. The header is checked as soon as its
-    bytes are in (a blob whose size disagrees with its header fails then, before the rest is read), and each
-    new piece of the payload is hashed while it is still in the CPU cache, so the checksum pass costs no
-    second trip to memory. The same checks as :func:`decode_buffer`; a problem raises a :class:`CodecError`.
-    """
-
-    def __init__(self, expected_fingerprint: str | None = None) -> None:
-        self._expected = expected_fingerprint
-        self._buf: torch.Tensor | None = None
-        self._mv = memoryview(b"")
-        self._hdr: BlobHeader | None = None
-        self._hasher = xxhash.xxh3_64()
-        self._hashed = 0  # payload bytes before this offset are hashed
-        self._error: CodecError | None = None
-
-    def feed(self, buf: torch.Tensor, end: int) -> None:
-        """Bytes ``[0, end)`` of ``buf`` (the blob's whole buffer, the same tensor on every call) are in.
-        Never raises a :class:`CodecError`: the first problem is kept, and :meth:`decode` raises it."""
-        if self._error is not None:
-            return
-        try:
-            self._feed(buf, end)
-        except CodecError as exc:
-            self._error = exc
-
-    def _feed(self, buf: torch.Tensor, end: int) -> None:
-        if self._buf is None:
-            if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
-                raise TypeError("StreamCheck needs a contiguous 1-D CPU uint8 tensor")
-            self._buf, self._mv = buf, (buf.numpy().data if buf.numel() else memoryview(b""))
-        elif buf is not self._buf:
-            raise ValueError("StreamCheck was fed two different buffers")
-        mv, size = self._mv, self._mv.nbytes
-        if self._hdr is None:
-            if end < size and (end < PREFIX_SIZE or end < header_nbytes(mv[:end])):
-                return  # the header is not complete yet
-            self._hdr = hdr = _parse(mv[:end])
-            _check_size(hdr, size, self._expected)
-            self._hashed = hdr.payload_offset
-        if end > self._hashed:
-            self._hasher.update(mv[self._hashed : end])
-            self._hashed = end
-
-    def decode(self) -> KVChunk:
-        """The chunk of the blob fed in full; its KV aliases the buffer fed (zero-copy)."""
-        buf, hdr = self._buf, self._hdr
-        if self._error is not None:
-            raise self._error
-        if buf is None or hdr is None:
-            raise TruncatedBlobError("blob ended before its header")
-        if self._hashed != hdr.total_nbytes:
-            raise TruncatedBlobError(f"blob fed up to byte {self._hashed} of {hdr.total_nbytes}")
-        if self._hasher.intdigest() != hdr.payload_checksum:
-            raise ChecksumError("payload checksum mismatch")
-        return _build(hdr, buf[hdr.payload_offset : hdr.total_nbytes])
 
 
 def decode(blob: Buffer, expected_fingerprint: str | None = None, *, copy: bool = False) -> KVChunk:
@@ -369,3 +327,56 @@ def decode_buffer(buf: torch.Tensor, expected_fingerprint: str | None = None) ->
 def is_blob(prefix: Buffer) -> bool:
     """Whether ``prefix`` starts with the blob magic (no validation)."""
     return bytes(memoryview(prefix)[: len(MAGIC)]) == MAGIC
+
+
+ReadAt = Callable[[memoryview, int], None]
+"""Fills a view with the blob's bytes from an offset (e.g. ``os.preadv``); raises if the source is short."""
+
+_HEAD_READ = 4096
+
+
+def read_blob(
+    size: int,
+    read_at: ReadAt,
+    alloc: Callable[[int], torch.Tensor] = empty_host,
+    expected_fingerprint: str | None = None,
+) -> KVChunk:
+    """Read a blob of ``size`` bytes through ``read_at`` into a buffer from ``alloc``, verifying it as it lands.
+
+    The header is read and checked first (a size that disagrees with it fails before the payload is read).
+    A version-2 payload is then read segment by segment, by this thread and helpers together, each segment
+    hashed right after it lands, while it is in the CPU cache; version 1 is read, then hashed. The same
+    checks as :func:`decode_buffer` (a problem raises a :class:`CodecError`); the KV aliases the buffer.
+    """
+    if size < PREFIX_SIZE:
+        raise TruncatedBlobError(f"blob is {size} bytes, shorter than its {PREFIX_SIZE}-byte prefix")
+    buf = alloc(size)
+    mv = buf.numpy().data
+    have = min(size, _HEAD_READ)
+    read_at(mv[:have], 0)
+    need = header_nbytes(mv[:have])
+    if need > size:
+        raise TruncatedBlobError(f"blob is {size} bytes, its header needs {need}")
+    if need > have:
+        read_at(mv[have:need], have)
+        have = need
+    hdr = _parse(mv[:need])
+    _check_size(hdr, size, expected_fingerprint)
+    off = hdr.payload_offset
+    if not hdr.segment:
+        if size > have:
+            read_at(mv[have:], have)
+        got = whole_checksum(mv[off:])
+    else:
+        bounds = [(off + lo, off + hi) for lo, hi in segment_bounds(hdr.payload_nbytes, hdr.segment)]
+
+        def read_and_hash(i: int) -> int:
+            lo, hi = bounds[i]
+            if hi > (start := max(lo, have)):
+                read_at(mv[start:hi], start)
+            return digest(mv[lo:hi])
+
+        got = combine(share_work(len(bounds), read_and_hash))
+    if got != hdr.payload_checksum:
+        raise ChecksumError("payload checksum mismatch")
+    return _build(hdr, buf[off:size])

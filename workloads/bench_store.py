@@ -113,9 +113,9 @@ def _make_tier(
     if kind == "cpu":
         return MemoryTier(budget, prefault=True)  # a pre-allocated pool, faulted in before timing
     if kind == "ssd":
-        return SSDTier(os.path.join(ssd_dir, "tier"), budget, fsync=cast(FsyncPolicy, fsync))
-    assert redis_url is not None
-    return RedisTier(redis_url, budget, namespace=f"bench-{uuid.uuid4().hex[:8]}")
+        return SSDTier(os.path.join(ssd_dir, "tier"), budget, fsync=cast(FsyncPolicy, fsync), prefault=True)
+    assert redis_url is not None  # read buffers faulted in before timing, as in a server that has run a while
+    return RedisTier(redis_url, budget, namespace=f"bench-{uuid.uuid4().hex[:8]}", prefault=True)
 
 
 def _make_peer(kind: str, shape: BlobShape, count: int, peer: str, **where: Any) -> peer_mod.LMCachePeer | None:

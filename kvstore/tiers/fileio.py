@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -24,48 +24,36 @@ def write_all(fd: int, pieces: Sequence[memoryview | bytes]) -> None:
             views[0] = views[0][n:]
 
 
-def read_exact(fd: int, buf: memoryview) -> None:
-    """Fill ``buf`` from ``fd``; raises EOFError if the file ends first."""
+def read_exact_at(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset`` (``pread``: safe from several threads at once); raises
+    EOFError if the file ends first."""
     got = 0
     while got < buf.nbytes:
-        n = os.readv(fd, [buf[got:]])
+        n = os.preadv(fd, [buf[got:]], offset + got)
         if n == 0:
             raise EOFError("file shrank while reading")
         got += n
 
 
-def read_file(
-    path: str,
-    alloc: Callable[[int], torch.Tensor] = empty_host,
-    consume: Callable[[torch.Tensor, int], object] | None = None,
-    stripe: int = 1 << 20,
-) -> tuple[torch.Tensor, int]:
-    """The whole file in a host buffer from ``alloc`` (uint8 tensor; default: a fresh one), and its inode.
-
-    With ``consume``, the file is read in stripes of ``stripe`` bytes and ``consume(buf, end)`` runs after
-    each one lands (bytes ``[0, end)`` are in; at least once, even for an empty file), while that stripe is
-    still in the CPU cache: with stripes about the size of an L2 cache, a checksum pass reads each from
-    there instead of from memory (measured on a 5.9 MB blob: read plus hash 20% faster than a read, then a
-    hash). ``consume`` may raise to stop reading.
-    """
+@contextlib.contextmanager
+def open_for_read(path: str) -> Iterator[tuple[int, int, Callable[[memoryview, int], None]]]:
+    """``(size, inode, read_at)`` of the file at ``path``, open for the block: ``read_at(view, offset)`` fills
+    ``view`` with the bytes at ``offset`` (from any thread; EOFError if the file shrank)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        size, ino = st.st_size, st.st_ino
-        buf = alloc(size)
-        mv = buf.numpy().data if size else memoryview(b"")
-        if consume is None:
-            read_exact(fd, mv)
-            return buf, ino
-        end = 0
-        while True:
-            start, end = end, min(size, end + max(1, stripe))
-            read_exact(fd, mv[start:end])
-            consume(buf, end)
-            if end >= size:
-                return buf, ino
+        yield st.st_size, st.st_ino, lambda view, offset: read_exact_at(fd, view, offset)
     finally:
         os.close(fd)
+
+
+def read_file(path: str, alloc: Callable[[int], torch.Tensor] = empty_host) -> tuple[torch.Tensor, int]:
+    """The whole file in a host buffer from ``alloc`` (uint8 tensor; default: a fresh one), and its inode."""
+    with open_for_read(path) as (size, ino, read_at):
+        buf = alloc(size)
+        if size:
+            read_at(buf.numpy().data, 0)
+        return buf, ino
 
 
 def preallocate(fd: int, nbytes: int) -> None:

@@ -63,6 +63,7 @@ class RedisTier(BudgetedTier):
         stripe_bytes: int = 2 << 20,
         io_threads: int = 4,
         read_buffer_bytes: int = 128 << 20,
+        prefault: bool = False,
         connect_timeout_s: float = 0.5,
         timeout_s: float = 5.0,
         policy: str | EvictionPolicy = "lru",
@@ -90,6 +91,8 @@ class RedisTier(BudgetedTier):
         self._cad = CompareAndDelete(self.client)
         self._io_threads = io_threads
         self._buffers = HostArena(read_buffer_bytes)  # striped reads land in warm, reused memory
+        if prefault:  # now, rather than in the background as the first reads use them
+            self._buffers.populate()
         self._writes = 0  # counts accounted writes; _written[key] is the count at key's latest write
         self._written: dict[ChunkKey, int] = {}
 

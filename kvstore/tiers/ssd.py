@@ -25,12 +25,12 @@ from typing import Literal
 
 from kvstore.arena import HostArena
 from kvstore.chunk import KVChunk
-from kvstore.codec import EncodedBlob, StreamCheck, decode_buffer, encode_parts, verify
+from kvstore.codec import EncodedBlob, decode_buffer, encode_parts, read_blob, verify
 from kvstore.errors import CodecError, TierError
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import BudgetedTier, Evicted, first_items
 from kvstore.tiers.eviction import EvictionPolicy
-from kvstore.tiers.fileio import fsync_dir, read_file, unlink_quiet, write_new_file
+from kvstore.tiers.fileio import fsync_dir, open_for_read, read_file, unlink_quiet, write_new_file
 from kvstore.tiers.ssd_scan import SUFFIX, TMP_SUFFIX, scan_blobs
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class SSDTier(BudgetedTier):
         policy: str | EvictionPolicy = "lru",
         io_threads: int = 4,
         read_buffer_bytes: int = 128 << 20,
+        prefault: bool = False,
         name: str = "ssd",
     ) -> None:
         if fsync not in ("always", "never"):
@@ -68,6 +69,8 @@ class SSDTier(BudgetedTier):
         self.fsync = fsync
         self._dirs: set[str] = set()
         self._buffers = HostArena(read_buffer_bytes)  # reads land in warm memory, reused once callers let go
+        if prefault:  # now, rather than in the background as the first reads use them
+            self._buffers.populate()
         self._pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix=f"kvstore-{name}")
         os.makedirs(self.root, exist_ok=True)
         self._scan()
@@ -127,19 +130,19 @@ class SSDTier(BudgetedTier):
                 return None, 0
             self._policy.touch(key)
         path = self.path_of(key)
-        check = StreamCheck()  # verified while read: each stripe is hashed while it is still in cache
         try:
-            buf, ino = read_file(path, self._buffers.lease, check.feed)
+            with open_for_read(path) as (size, ino, read_at):
+                try:  # verified as read: segments read and hashed on several cores, each while in cache
+                    return read_blob(size, read_at, self._buffers.lease), size
+                except CodecError as exc:
+                    corrupt = exc
         except FileNotFoundError:
             self._forget(key)
             return None, 0
         except (OSError, EOFError) as exc:
             raise self._error(f"ssd read failed: {_reason(exc)}") from exc
-        try:
-            return check.decode(), buf.numel()
-        except CodecError as exc:
-            self._discard_corrupt(key, path, ino, exc)
-            return None, 0
+        self._discard_corrupt(key, path, ino, corrupt)
+        return None, 0
 
     def get(self, key: ChunkKey) -> KVChunk | None:
         return self.get_many([key])[0]

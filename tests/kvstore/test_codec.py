@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import itertools
 import struct
+import threading
 
 import msgpack
 import pytest
@@ -22,7 +24,8 @@ from kvstore import (
     peek_header,
     verify,
 )
-from kvstore.codec import ALIGN, PREFIX_SIZE, StreamCheck, decode_buffer, encode_parts
+from kvstore.checksum import SEGMENT, combine, segment_bounds
+from kvstore.codec import ALIGN, FORMAT_VERSION, PREFIX_SIZE, decode_buffer, encode_parts, read_blob
 from tests.kvstore.conftest import FP, assert_same, make_chunk
 
 
@@ -49,7 +52,7 @@ def test_header_and_layout() -> None:
     blob = encode(chunk)
     hdr = peek_header(blob[: ALIGN * 4])
     assert (hdr.num_layers, hdr.num_kv_heads, hdr.num_tokens, hdr.head_dim) == (2, 2, 5, 8)
-    assert hdr.dtype == "float16" and hdr.fingerprint == FP and hdr.version == 1
+    assert hdr.dtype == "float16" and hdr.fingerprint == FP and hdr.version == FORMAT_VERSION == 2
     assert hdr.payload_offset % ALIGN == 0 and hdr.total_nbytes == len(blob)
     assert torch.equal(hdr.positions(), torch.arange(-3, 2))
     assert verify(blob) == hdr
@@ -112,10 +115,10 @@ def test_errors_are_specific() -> None:
     assert hdr.payload_nbytes == 2 * 2 * 2 * 8 * 8 * 4
 
 
-def _forge(header: dict[str, object], payload: bytes = b"") -> bytes:
+def _forge(header: dict[str, object], payload: bytes = b"", version: int = 1) -> bytes:
     """A blob with a valid header checksum but arbitrary header content."""
     raw = msgpack.packb(header, use_bin_type=True)
-    fixed = struct.pack("<4sHHI", b"KVFB", 1, 0, len(raw))
+    fixed = struct.pack("<4sHHI", b"KVFB", version, 0, len(raw))
     h = xxhash.xxh3_64(fixed)
     h.update(raw)
     head = fixed + struct.pack("<Q", h.intdigest()) + raw
@@ -168,62 +171,156 @@ def test_every_byte_flip_rejected_exhaustively() -> None:
                 decode(bytes(bad))
 
 
-def _stream(blob: bytes, stripe: int, expected_fingerprint: str | None = None) -> KVChunk:
-    """Decode ``blob`` with a :class:`StreamCheck`, fed as if read in stripes of ``stripe`` bytes."""
-    buf = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
-    check = StreamCheck(expected_fingerprint)
-    end = 0
-    while True:
-        end = min(len(blob), end + stripe)
-        check.feed(buf, end)  # never raises: a problem surfaces in decode()
-        if end >= len(blob):
-            return check.decode()
+def _read(blob: bytes, expected_fingerprint: str | None = None, stripe: int = 1 << 30) -> KVChunk:
+    """Decode ``blob`` with :func:`read_blob`, each read returning at most ``stripe`` bytes at a time."""
+    reads: list[tuple[int, int]] = []
+
+    def read_at(view: memoryview, offset: int) -> None:
+        reads.append((offset, view.nbytes))
+        end = offset + view.nbytes
+        if end > len(blob):
+            raise EOFError("source shrank")
+        for lo in range(offset, end, stripe):
+            hi = min(end, lo + stripe)
+            view[lo - offset : hi - offset] = blob[lo:hi]
+
+    chunk = read_blob(len(blob), read_at, expected_fingerprint=expected_fingerprint)
+    covered = sorted(reads)
+    assert covered[0][0] == 0 and all(a + n == b for (a, n), (b, _) in itertools.pairwise(covered))
+    return chunk
 
 
-@pytest.mark.parametrize("stripe", [1, 7, 64, 1000, 1 << 30])
-def test_stream_check_round_trip(stripe: int, dtype: torch.dtype) -> None:
+def _big_chunk(seed: int = 0) -> KVChunk:
+    """About 3.4 MB of float32 KV: four checksum segments."""
+    return make_chunk(400, torch.float32, seed=seed, layers=8, heads=4, head_dim=33)
+
+
+def test_read_blob_round_trip(dtype: torch.dtype) -> None:
     chunk = make_chunk(33, dtype, seed=2, start=7)
     blob = encode(chunk)
-    got = _stream(blob, stripe, FP)
+    got = _read(blob, FP, stripe=7)
     assert_same(got, chunk)
     assert_same(decode_buffer(torch.frombuffer(bytearray(blob), dtype=torch.uint8)), got)
+    big = _big_chunk()
+    assert peek_header(encode(big)).payload_nbytes > 3 * SEGMENT
+    assert_same(_read(encode(big), FP), big)
 
 
-def test_stream_check_rejects_what_decode_rejects() -> None:
+def test_read_blob_rejects_what_decode_rejects() -> None:
     blob = encode(make_chunk(8))
     with pytest.raises(FingerprintMismatchError):
-        _stream(blob, 100, "other-model")
+        _read(blob, "other-model")
     with pytest.raises(TruncatedBlobError):
-        _stream(blob[:-1], 100)
+        _read(blob[:-1])
     with pytest.raises(MalformedBlobError):
-        _stream(blob + b"\0", 100)
+        _read(blob + b"\0")
     for garbage in (b"", b"hello world", b"\0" * 200, b"KVFB" + b"\xff" * 100):
         with pytest.raises(CodecError):
-            _stream(garbage, 3)
-    check = StreamCheck()  # fed only part of the blob: never a chunk
-    check.feed(torch.frombuffer(bytearray(blob), dtype=torch.uint8), len(blob) // 2)
-    with pytest.raises(TruncatedBlobError):
-        check.decode()
+            _read(garbage)
+
+
+def test_read_blob_wrong_size_fails_before_the_payload_is_read() -> None:
+    blob = encode(_big_chunk())
+    reads: list[int] = []
+
+    def read_at(view: memoryview, offset: int) -> None:
+        reads.append(offset)
+        view[:] = blob[offset : offset + view.nbytes]
+
+    with pytest.raises(MalformedBlobError):
+        read_blob(len(blob) + 64, lambda v, o: read_at(v, o) if o < len(blob) else None)
+    assert reads == [0]  # the header only
+
+
+@pytest.mark.parametrize("segment_index", [0, 1, 2, 3])
+def test_each_segment_is_checked(segment_index: int) -> None:
+    blob = bytearray(encode(_big_chunk(seed=segment_index)))
+    hdr = peek_header(blob)
+    lo, hi = segment_bounds(hdr.payload_nbytes, hdr.segment)[segment_index]
+    blob[hdr.payload_offset + (lo + hi) // 2] ^= 0x01
+    with pytest.raises(ChecksumError):
+        _read(bytes(blob))
+    with pytest.raises(ChecksumError):
+        decode(bytes(blob))
+
+
+def test_segments_are_read_and_hashed_by_helpers_too() -> None:
+    blob = encode(_big_chunk())
+    caller = threading.current_thread()
+    threads: set[str] = set()
+    helper_came = threading.Event()
+
+    def read_at(view: memoryview, offset: int) -> None:
+        if offset:  # a payload segment (offset 0 is the header): the caller waits until a helper read one too
+            threads.add(threading.current_thread().name)
+            if threading.current_thread() is caller:
+                helper_came.wait(timeout=10)
+            else:
+                helper_came.set()
+        view[:] = blob[offset : offset + view.nbytes]
+
+    assert_same(read_blob(len(blob), read_at), _big_chunk())
+    assert len(threads) == 2  # the caller and a helper each read part of the payload
+
+
+def test_read_blob_passes_read_errors_through() -> None:
+    blob = encode(_big_chunk())
+
+    def read_at(view: memoryview, offset: int) -> None:
+        if offset > len(blob) // 2:
+            raise OSError(5, "Input/output error")
+        view[:] = blob[offset : offset + view.nbytes]
+
+    with pytest.raises(OSError, match="Input/output"):
+        read_blob(len(blob), read_at)
+
+
+def test_version_1_blobs_still_read() -> None:
+    chunk = make_chunk(6, torch.float16, seed=4)
+    payload = bytes(chunk.kv.contiguous().view(torch.uint8).reshape(-1).numpy())
+    header = {"fp": FP, "dt": "float16", "L": 2, "H": 2, "T": 6, "D": 8,
+              "pos": chunk.positions.to(torch.int32).numpy().tobytes(), "n": len(payload),
+              "xxh": xxhash.xxh3_64_intdigest(payload)}  # fmt: skip
+    blob = _forge(header, payload)
+    hdr = peek_header(blob)
+    assert (hdr.version, hdr.segment) == (1, 0)
+    assert_same(decode(blob), chunk)
+    assert_same(_read(blob, FP, stripe=5), chunk)
+    bad = bytearray(blob)
+    bad[-1] ^= 0x01
+    with pytest.raises(ChecksumError):
+        _read(bytes(bad))
+
+
+@pytest.mark.parametrize("segment", [None, 0, 3, 1000, 1 << 31, "1M"])
+def test_version_2_needs_a_valid_segment(segment: object) -> None:
+    good = {"fp": FP, "dt": "float32", "L": 1, "H": 1, "T": 1, "D": 1, "pos": b"\0" * 4, "n": 8}
+    payload = b"\0" * 8
+    good["xxh"] = combine([xxhash.xxh3_64_intdigest(payload)])
+    assert decode(_forge({**good, "seg": 1 << 20}, payload, version=2)).num_tokens == 1
+    fields = good if segment is None else {**good, "seg": segment}
+    with pytest.raises(MalformedBlobError):
+        decode(_forge(fields, payload, version=2))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(which=st.integers(0, len(_BLOBS) - 1), pos=st.integers(0, 10**6), delta=st.integers(1, 255),
        stripe=st.integers(1, 300), cut=st.integers(0, 10**6))
-def test_stream_check_rejects_any_mutation_or_truncation(which: int, pos: int, delta: int, stripe: int,
-                                                         cut: int) -> None:
+def test_read_blob_rejects_any_mutation_or_truncation(which: int, pos: int, delta: int, stripe: int,
+                                                      cut: int) -> None:
     blob = bytearray(_BLOBS[which])
     i = pos % len(blob)
     blob[i] = (blob[i] + delta) % 256
     with pytest.raises(CodecError):
-        _stream(bytes(blob), stripe)
+        _read(bytes(blob), stripe=stripe)
     with pytest.raises(CodecError):
-        _stream(_BLOBS[which][: cut % len(blob)], stripe)
+        _read(_BLOBS[which][: cut % len(blob)], stripe=stripe)
 
 
-def test_stream_check_every_byte_flip_rejected_exhaustively() -> None:
+def test_read_blob_every_byte_flip_rejected_exhaustively() -> None:
     blob = _BLOBS[0]
     for i in range(len(blob)):
         bad = bytearray(blob)
         bad[i] ^= 0x10
         with pytest.raises(CodecError):
-            _stream(bytes(bad), 5)
+            _read(bytes(bad), stripe=5)

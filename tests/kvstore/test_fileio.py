@@ -1,39 +1,41 @@
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
-import torch
 
-from kvstore.tiers.fileio import read_file
+from kvstore.tiers.fileio import open_for_read, read_file
 
 
-@pytest.mark.parametrize(("size", "stripe"), [(0, 4), (1, 4), (10, 4), (12, 4), (12, 1 << 20), (5000, 1)])
-def test_read_file_in_stripes(tmp_path: Path, size: int, stripe: int) -> None:
+@pytest.mark.parametrize("size", [0, 1, 4097, 1 << 20])
+def test_read_file(tmp_path: Path, size: int) -> None:
     data = bytes(range(256)) * (size // 256 + 1)
     path = tmp_path / "f"
     path.write_bytes(data[:size])
-    seen: list[tuple[int, bytes]] = []
-
-    def consume(buf: torch.Tensor, end: int) -> None:
-        seen.append((end, bytes(buf[:end].numpy())))
-
-    buf, ino = read_file(str(path), consume=consume, stripe=stripe)
+    buf, ino = read_file(str(path))
     assert bytes(buf.numpy()) == data[:size] and ino == path.stat().st_ino
-    ends = [end for end, _ in seen]
-    assert ends == ([*range(stripe, size, stripe), size] if size else [0])  # in order, at least once
-    assert all(prefix == data[:end] for end, prefix in seen)  # each prefix had fully landed
 
 
-def test_read_file_consume_stops_the_read(tmp_path: Path) -> None:
+def test_read_at_from_several_threads(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 4096
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    out = bytearray(len(data))
+    view = memoryview(out)
+    with open_for_read(str(path)) as (size, ino, read_at):
+        assert (size, ino) == (len(data), path.stat().st_ino)
+        parts = [(lo, min(size, lo + 100_000)) for lo in range(0, size, 100_000)]
+        threads = [threading.Thread(target=read_at, args=(view[lo:hi], lo)) for lo, hi in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert bytes(out) == data
+
+
+def test_read_at_past_the_end_is_an_eof(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x" * 100)
-    calls: list[int] = []
-
-    def consume(buf: torch.Tensor, end: int) -> None:
-        calls.append(end)
-        raise ValueError("bad header")
-
-    with pytest.raises(ValueError, match="bad header"):
-        read_file(str(path), consume=consume, stripe=10)
-    assert calls == [10]
+    with open_for_read(str(path)) as (_, _, read_at), pytest.raises(EOFError):
+        read_at(memoryview(bytearray(50)), 80)

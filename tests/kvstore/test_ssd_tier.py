@@ -3,7 +3,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,15 +135,15 @@ def test_batch_read_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
     tier = SSDTier(tmp_path, 1 << 20)
     tier.put_many([(key(i), make_chunk(8, seed=i)) for i in range(3)])
-    real = ssd_module.read_file
+    real = ssd_module.open_for_read
     bad = tier.path_of(key(1))
 
-    def flaky(path: str, alloc: Callable[[int], torch.Tensor], *args: Any) -> tuple[torch.Tensor, int]:
+    def flaky(path: str) -> Any:
         if path == bad:
             raise OSError(errno.EIO, "Input/output error")
-        return real(path, alloc, *args)
+        return real(path)
 
-    monkeypatch.setattr(ssd_module, "read_file", flaky)
+    monkeypatch.setattr(ssd_module, "open_for_read", flaky)
     got = tier.get_many([key(0), key(1), key(2)])
     assert [g is not None for g in got] == [True, False, True]  # one bad read is one miss
     with pytest.raises(TierError, match="Input/output"):

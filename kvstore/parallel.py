@@ -1,0 +1,76 @@
+"""Work shared between the calling thread and a few helper threads, without ever waiting for a helper to start.
+
+Why not ``pool.map``: on a small machine whose other cores are busy, a helper thread may not run for a
+whole time slice, and a caller blocked on it would wait that long for work it could have done itself. Here
+the caller takes items too, from the same counter; it waits only for items a helper has already begun, each
+bounded by one item's work. A helper that starts after the caller took everything finds nothing to do.
+Useful for work that releases the GIL (hashing, file reads, copies) in pieces of about a millisecond.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+HELPERS = max(1, min(3, (os.cpu_count() or 1) - 1))
+_pool = ThreadPoolExecutor(HELPERS, thread_name_prefix="kvstore-share")
+
+
+class _Shared:
+    """The state of one :func:`share_work` call. The caller takes items from the front and helpers from the
+    back, so that each works through a contiguous run (neighbouring file ranges, neighbouring memory)."""
+
+    def __init__(self, n: int, fn: Callable[[int], object]) -> None:
+        self.fn = fn
+        self.front, self.back = 0, n  # items [front, back) are not claimed yet
+        self.results: list[object] = [None] * n
+        self.error: BaseException | None = None
+        self.pending = n
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+
+    def _claim(self, from_front: bool) -> int | None:
+        with self.lock:
+            if self.front >= self.back:
+                return None
+            if from_front:
+                self.front += 1
+                return self.front - 1
+            self.back -= 1
+            return self.back
+
+    def work(self, from_front: bool = False) -> None:
+        while (i := self._claim(from_front)) is not None:
+            try:
+                if self.error is None:
+                    self.results[i] = self.fn(i)
+            except BaseException as exc:  # handed to the caller, which re-raises it
+                self.error = self.error or exc
+            with self.done:
+                self.pending -= 1
+                if not self.pending:
+                    self.done.notify_all()
+
+
+def share_work(n: int, fn: Callable[[int], T], helpers: int = HELPERS) -> list[T]:
+    """``[fn(0), ..., fn(n - 1)]``, computed by this thread and up to ``helpers`` helper threads.
+
+    The first exception raised by ``fn`` is re-raised here (the items not yet begun are then skipped). Safe
+    to nest and to call from pool threads: the caller never waits for a helper that has not begun an item.
+    """
+    if n <= 1 or helpers <= 0:
+        return [fn(i) for i in range(n)]
+    state = _Shared(n, fn)
+    for _ in range(min(helpers, HELPERS, n - 1)):
+        _pool.submit(state.work)
+    state.work(from_front=True)
+    with state.done:
+        state.done.wait_for(lambda: not state.pending)
+    if state.error is not None:
+        raise state.error
+    return state.results  # type: ignore[return-value]
