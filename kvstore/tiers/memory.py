@@ -16,7 +16,7 @@ import torch
 
 from kvstore.arena import HostArena
 from kvstore.chunk import KVChunk
-from kvstore.hostmem import clone_to_host, cuda_available
+from kvstore.hostmem import clone_to_host, copy_bytes, cuda_available
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import BudgetedTier, Evicted
 from kvstore.tiers.eviction import EvictionPolicy
@@ -30,14 +30,11 @@ def _arena_nbytes(chunk: KVChunk) -> tuple[int, int]:
 
 
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[...] = src``. Contiguous host tensors: one ``memcpy`` (numpy's, GIL released), whatever the
-    size; anything else: torch's copy. Not torch's parallel copy for large host blobs: it was 1.5x faster for
-    34 MB on an idle 2-core machine, but it waits at a barrier for its whole intra-op thread team, and with
-    another process busy on the cores a 5.9 MB copy took 8 ms instead of 0.26 ms (a thread of the team
-    waited for a time slice); sharing pieces with a helper thread was slower than one ``memcpy`` there too."""
+    """``dst[...] = src``. Contiguous host tensors: :func:`~kvstore.hostmem.copy_bytes` on their bytes;
+    anything else: torch's copy."""
     host = src.device.type == "cpu" and dst.device.type == "cpu"
     if host and src.is_contiguous() and dst.is_contiguous() and src.numel():
-        np.copyto(dst.reshape(-1).view(torch.uint8).numpy(), src.reshape(-1).view(torch.uint8).numpy())
+        copy_bytes(dst.reshape(-1).view(torch.uint8).numpy(), src.reshape(-1).view(torch.uint8).numpy())
     elif src.numel():
         dst.copy_(src)
 
@@ -126,7 +123,7 @@ class MemoryTier(BudgetedTier):
         positions = lease[pos_off:total].view(torch.int64)
         if src.device.type == "cpu" and src.is_contiguous() and pos.device.type == "cpu" and src.numel():
             raw = lease.numpy()  # the common case, straight on the bytes: each torch call costs µs
-            np.copyto(raw[:kv_bytes], src.view(-1).view(torch.uint8).numpy())
+            copy_bytes(raw[:kv_bytes], src.view(-1).view(torch.uint8).numpy())
             np.copyto(raw[pos_off:total].view(np.int64), pos.numpy(), casting="unsafe")
         else:
             _copy_into(kv, src)

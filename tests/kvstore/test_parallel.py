@@ -3,9 +3,11 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from kvstore import parallel
+from kvstore.hostmem import copy_bytes
 from kvstore.parallel import share_work
 
 
@@ -58,3 +60,11 @@ def test_never_waits_for_a_helper_that_does_not_start() -> None:
         release.set()
         for f in busy:
             f.result(timeout=10)
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, (2 << 20) - 1, 2 << 20, (5 << 20) + 12345])
+def test_copy_bytes(nbytes: int) -> None:
+    src = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    copy_bytes(dst, src)
+    assert np.array_equal(dst, src)
