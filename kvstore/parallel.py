@@ -10,15 +10,33 @@ Useful for work that releases the GIL (hashing, file reads, copies) in pieces of
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
 
 HELPERS = max(1, min(3, (os.cpu_count() or 1) - 1))
-_pool = ThreadPoolExecutor(HELPERS, thread_name_prefix="kvstore-share")
+_tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # a C queue: a put costs ~1 us
+_started: list[threading.Thread] = []
+_start_lock = threading.Lock()
+
+
+def _helper_loop() -> None:
+    while True:
+        _tasks.get()()
+
+
+def _submit(task: Callable[[], None]) -> None:
+    """Run ``task`` on a helper thread (started on first use; daemons, so they never hold up exit)."""
+    if len(_started) < HELPERS:
+        with _start_lock:
+            while len(_started) < HELPERS:
+                t = threading.Thread(target=_helper_loop, name=f"kvstore-share_{len(_started)}", daemon=True)
+                t.start()
+                _started.append(t)
+    _tasks.put(task)
 
 
 class _Shared:
@@ -67,7 +85,7 @@ def share_work(n: int, fn: Callable[[int], T], helpers: int = HELPERS) -> list[T
         return [fn(i) for i in range(n)]
     state = _Shared(n, fn)
     for _ in range(min(helpers, HELPERS, n - 1)):
-        _pool.submit(state.work)
+        _submit(state.work)
     state.work(from_front=True)
     with state.done:
         state.done.wait_for(lambda: not state.pending)

@@ -49,7 +49,14 @@ def test_the_first_error_is_raised() -> None:
 
 def test_never_waits_for_a_helper_that_does_not_start() -> None:
     release = threading.Event()
-    busy = [parallel._pool.submit(release.wait, 30) for _ in range(parallel.HELPERS)]  # every helper is busy
+    finished = threading.Semaphore(0)
+
+    def block() -> None:
+        release.wait(30)
+        finished.release()
+
+    for _ in range(parallel.HELPERS):  # every helper is busy
+        parallel._submit(block)
     try:
         done: list[list[int]] = []
         worker = threading.Thread(target=lambda: done.append(share_work(10, lambda i: i)))
@@ -58,8 +65,8 @@ def test_never_waits_for_a_helper_that_does_not_start() -> None:
         assert done == [list(range(10))]  # finished by the caller alone while no helper could run
     finally:
         release.set()
-        for f in busy:
-            f.result(timeout=10)
+        for _ in range(parallel.HELPERS):
+            assert finished.acquire(timeout=10)
 
 
 @pytest.mark.parametrize("nbytes", [0, 1, (2 << 20) - 1, 2 << 20, (5 << 20) + 12345])
