@@ -28,7 +28,9 @@ def _queue(lock: FairLock, name: str, label: str, order: list[str]) -> threading
 
     thread = threading.Thread(target=run)
     thread.start()
-    _wait_until(lambda: lock.waiting() == before + 1)
+    # queued, or already past the queue: a turn handed to an earlier waiter can take the count back down
+    # between two polls (seen once on a busy machine)
+    _wait_until(lambda: lock.waiting() > before or label in order)
     return thread
 
 
