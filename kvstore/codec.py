@@ -59,6 +59,7 @@ _PREFIX = struct.Struct("<4sHHIQ")
 PREFIX_SIZE = _PREFIX.size
 MAX_HEADER_BYTES = 64 << 20
 _INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
 _ELEM_SIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in SUPPORTED_DTYPES.items()}
 
 Buffer = bytes | bytearray | memoryview
@@ -250,8 +251,8 @@ def _parse(mv: memoryview) -> BlobHeader:
         if len(pos) != 4 * tokens:
             raise MalformedBlobError("positions length does not match the token count")
     elif isinstance(pos, tuple):
-        if len(pos) != tokens or any(type(p) is not int for p in pos):
-            raise MalformedBlobError("positions do not match the token count")
+        if len(pos) != tokens or any(type(p) is not int or not _INT64[0] <= p <= _INT64[1] for p in pos):
+            raise MalformedBlobError("positions do not match the token count or are not int64")
     else:
         raise MalformedBlobError("header field 'pos' is invalid")
     return BlobHeader(version, fingerprint, dt, layers, heads, tokens, head_dim, offset, nbytes, checksum, segment, pos)
@@ -343,25 +344,30 @@ def read_blob(
 ) -> KVChunk:
     """Read a blob of ``size`` bytes through ``read_at`` into a buffer from ``alloc``, verifying it as it lands.
 
-    The header is read and checked first (a size that disagrees with it fails before the payload is read).
+    The header is read into a small buffer and checked first (a size that disagrees with it fails before
+    the blob's buffer is allocated or its payload read).
     A version-2 payload is then read segment by segment, by this thread and helpers together, each segment
     hashed right after it lands, while it is in the CPU cache; version 1 is read, then hashed. The same
     checks as :func:`decode_buffer` (a problem raises a :class:`CodecError`); the KV aliases the buffer.
     """
     if size < PREFIX_SIZE:
         raise TruncatedBlobError(f"blob is {size} bytes, shorter than its {PREFIX_SIZE}-byte prefix")
-    buf = alloc(size)
-    mv = buf.numpy().data
-    have = min(size, _HEAD_READ)
-    read_at(mv[:have], 0)
-    need = header_nbytes(mv[:have])
+    head = memoryview(bytearray(min(size, _HEAD_READ)))  # checked before the whole size is allocated
+    read_at(head, 0)
+    need = header_nbytes(head)
     if need > size:
         raise TruncatedBlobError(f"blob is {size} bytes, its header needs {need}")
-    if need > have:
-        read_at(mv[have:need], have)
-        have = need
-    hdr = _parse(mv[:need])
+    if need > head.nbytes:
+        grown = bytearray(need)
+        grown[: head.nbytes] = head
+        head = memoryview(grown)
+        read_at(head[_HEAD_READ:], _HEAD_READ)
+    hdr = _parse(head[:need])
     _check_size(hdr, size, expected_fingerprint)
+    buf = alloc(size)
+    mv = buf.numpy().data[:size]
+    have = head.nbytes
+    mv[:have] = head
     off = hdr.payload_offset
     if not hdr.segment:
         if size > have:

@@ -23,6 +23,17 @@ _started: list[threading.Thread] = []
 _start_lock = threading.Lock()
 
 
+def _reset_after_fork() -> None:
+    """A forked child has none of the parent's threads: start helpers afresh (tasks queued in the parent,
+    which hold its callers' buffers, are dropped with the old queue)."""
+    global _tasks, _start_lock
+    _tasks, _start_lock = queue.SimpleQueue(), threading.Lock()
+    _started.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def _helper_loop() -> None:
     while True:
         _tasks.get()()
@@ -44,13 +55,29 @@ class _Shared:
     back, so that each works through a contiguous run (neighbouring file ranges, neighbouring memory)."""
 
     def __init__(self, n: int, fn: Callable[[int], object]) -> None:
-        self.fn = fn
+        self.fn: Callable[[int], object] | None = fn
         self.front, self.back = 0, n  # items [front, back) are not claimed yet
         self.results: list[object] = [None] * n
         self.error: BaseException | None = None
         self.pending = n
         self.lock = threading.Lock()
         self.done = threading.Condition(self.lock)
+
+    def finish(self) -> None:
+        """Wait until no item is in progress, skipping those not begun: afterwards no helper touches what
+        ``fn`` refers to (a task still queued for a helper keeps this object, but not ``fn`` or results)."""
+        interrupted: BaseException | None = None
+        with self.done:
+            self.pending -= self.back - self.front  # not begun: never will be (only after an interruption)
+            self.front = self.back
+            while self.pending:
+                try:
+                    self.done.wait()
+                except BaseException as exc:  # e.g. KeyboardInterrupt: still wait, then raise it
+                    interrupted = interrupted or exc
+            self.fn = None
+        if interrupted is not None:
+            raise interrupted
 
     def _claim(self, from_front: bool) -> int | None:
         with self.lock:
@@ -65,7 +92,7 @@ class _Shared:
     def work(self, from_front: bool = False) -> None:
         while (i := self._claim(from_front)) is not None:
             try:
-                if self.error is None:
+                if self.error is None and self.fn is not None:
                     self.results[i] = self.fn(i)
             except BaseException as exc:  # handed to the caller, which re-raises it
                 self.error = self.error or exc
@@ -84,11 +111,14 @@ def share_work(n: int, fn: Callable[[int], T], helpers: int = HELPERS) -> list[T
     if n <= 1 or helpers <= 0:
         return [fn(i) for i in range(n)]
     state = _Shared(n, fn)
-    for _ in range(min(helpers, HELPERS, n - 1)):
-        _submit(state.work)
-    state.work(from_front=True)
-    with state.done:
-        state.done.wait_for(lambda: not state.pending)
-    if state.error is not None:
-        raise state.error
-    return state.results  # type: ignore[return-value]
+    try:
+        for _ in range(min(helpers, HELPERS, n - 1)):
+            _submit(state.work)
+        state.work(from_front=True)
+    finally:
+        state.finish()
+    results, state.results = state.results, []
+    error, state.error = state.error, None  # its traceback holds fn's frames: not left with a queued task
+    if error is not None:
+        raise error
+    return results  # type: ignore[return-value]

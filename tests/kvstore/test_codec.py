@@ -324,3 +324,38 @@ def test_read_blob_every_byte_flip_rejected_exhaustively() -> None:
         bad[i] ^= 0x10
         with pytest.raises(CodecError):
             _read(bytes(bad), stripe=5)
+
+
+def test_positions_beyond_int64_are_malformed() -> None:
+    payload = b"\0" * 8
+    header = {"fp": FP, "dt": "float32", "L": 1, "H": 1, "T": 1, "D": 1, "pos": (2**63,), "n": 8,
+              "xxh": xxhash.xxh3_64_intdigest(payload)}  # fmt: skip
+    with pytest.raises(MalformedBlobError):
+        decode(_forge(header, payload))
+    with pytest.raises(MalformedBlobError):
+        _read(_forge(header, payload))
+
+
+def test_read_blob_checks_the_header_before_allocating() -> None:
+    blob = encode(make_chunk(8))
+    sizes: list[int] = []
+
+    def alloc(n: int) -> torch.Tensor:
+        sizes.append(n)
+        return torch.empty(n, dtype=torch.uint8)
+
+    def read_at(view: memoryview, offset: int) -> None:  # the blob, then zeros (a sparse file)
+        view[:] = (blob + bytes(view.nbytes))[offset : offset + view.nbytes]
+
+    with pytest.raises(MalformedBlobError, match="trailing"):
+        read_blob(4 << 40, read_at, alloc)  # a 4 TiB file starting with this blob's header
+    assert sizes == []
+
+
+def test_read_blob_with_a_larger_buffer() -> None:
+    for blob in (encode(_big_chunk()), _forge({"fp": FP, "dt": "float32", "L": 1, "H": 1, "T": 1, "D": 1,
+                                              "pos": b"\0" * 4, "n": 8, "xxh": xxhash.xxh3_64_intdigest(b"\1" * 8)},
+                                             b"\1" * 8)):  # fmt: skip
+        got = read_blob(len(blob), lambda v, o, b=blob: v.__setitem__(slice(None), b[o : o + v.nbytes]),
+                        lambda n: torch.zeros(n + 64, dtype=torch.uint8))  # fmt: skip
+        assert_same(got, decode(blob))

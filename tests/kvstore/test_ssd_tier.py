@@ -158,3 +158,11 @@ def test_put_many_parallel_last_wins(tmp_path: Path) -> None:
     for i in range(4):
         assert_same(tier.get(key(i)), make_chunk(8, seed=max(j for j in range(10) if j % 4 == i)))
     assert tier.used_bytes == sum(os.path.getsize(tier.path_of(key(i))) for i in range(4))
+
+
+def test_a_huge_sparse_file_is_a_corrupt_miss_not_an_allocation(tmp_path: Path) -> None:
+    tier = SSDTier(tmp_path, 1 << 20)
+    tier.put(key(0), make_chunk(8))
+    os.truncate(tier.path_of(key(0)), 4 << 40)  # 4 TiB, its header still the blob's: checked before allocating
+    assert tier.get(key(0)) is None
+    assert tier.stats.snapshot().corrupt == 1 and not os.path.exists(tier.path_of(key(0)))
