@@ -17,7 +17,14 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-HELPERS = max(1, min(3, (os.cpu_count() or 1) - 1))
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may run on (affinity, cpusets)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+HELPERS = max(1, min(3, _usable_cpus() - 1))
 _tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # a C queue: a put costs ~1 us
 _started: list[threading.Thread] = []
 _start_lock = threading.Lock()

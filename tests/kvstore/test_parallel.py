@@ -168,3 +168,8 @@ def test_an_interrupted_caller_waits_for_the_helpers_item() -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_copy_bytes_needs_equal_sizes() -> None:
+    with pytest.raises(ValueError, match="destination"):
+        copy_bytes(np.zeros(3 << 20, np.uint8), np.zeros(4 << 20, np.uint8))
