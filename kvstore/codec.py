@@ -201,7 +201,9 @@ def header_nbytes(prefix: Buffer) -> int:
     if magic != MAGIC:
         raise MalformedBlobError("not a kvfuse blob (bad magic)")
     if version not in READ_VERSIONS:
-        raise UnsupportedVersionError(f"blob format version {version}; this build reads {READ_VERSIONS}")
+        raise UnsupportedVersionError(
+            f"blob format version {version}; this build reads {READ_VERSIONS}", newer=version > FORMAT_VERSION
+        )
     if flags != 0:
         raise MalformedBlobError(f"unknown flags {flags:#x}")
     if header_len == 0 or header_len > MAX_HEADER_BYTES:

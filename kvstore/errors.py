@@ -20,7 +20,18 @@ class ChecksumError(CodecError):
 
 
 class UnsupportedVersionError(CodecError):
-    """The blob was written in a format version this build does not read."""
+    """The blob was written in a format version this build does not read. ``newer``: a version above this
+    build's: a newer build's blob, which tiers leave in place (a miss, not corruption), so that builds of
+    two versions can share a directory or a Redis namespace during an upgrade or a rollback."""
+
+    def __init__(self, message: str, newer: bool = False) -> None:
+        super().__init__(message)
+        self.newer = newer
+
+
+def from_newer_build(exc: BaseException) -> bool:
+    """Whether ``exc`` says a blob is in a newer format than this build reads (leave it, do not remove it)."""
+    return isinstance(exc, UnsupportedVersionError) and exc.newer
 
 
 class FingerprintMismatchError(CodecError):

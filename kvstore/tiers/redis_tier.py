@@ -34,7 +34,7 @@ from redis.cluster import RedisCluster
 from kvstore.arena import HostArena
 from kvstore.chunk import KVChunk
 from kvstore.codec import MAGIC, EncodedBlob, decode, decode_buffer, encode_parts, peek_header
-from kvstore.errors import CodecError, TierError
+from kvstore.errors import CodecError, TierError, from_newer_build
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import BudgetedTier, Evicted, first_items
 from kvstore.tiers.eviction import EvictionPolicy
@@ -129,6 +129,8 @@ class RedisTier(BudgetedTier):
         self._forget(key)
 
     def _drop_corrupt(self, key: ChunkKey, exc: Exception, value: bytes, parts: Sequence[bytes] | None = None) -> None:
+        if from_newer_build(exc):  # a newer build's blob: a miss here, left for the builds that read it
+            return
         self.stats.add(corrupt=1)
         log.warning("redis tier: dropping corrupt blob %s… (%s)", key.hex[:8], exc)
         self._drop_read(key, value, parts)

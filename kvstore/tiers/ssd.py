@@ -26,7 +26,7 @@ from typing import Literal
 from kvstore.arena import HostArena
 from kvstore.chunk import KVChunk
 from kvstore.codec import EncodedBlob, decode_buffer, encode_parts, read_blob, verify
-from kvstore.errors import CodecError, TierError
+from kvstore.errors import CodecError, TierError, from_newer_build
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import BudgetedTier, Evicted, first_items
 from kvstore.tiers.eviction import EvictionPolicy
@@ -141,7 +141,8 @@ class SSDTier(BudgetedTier):
             return None, 0
         except (OSError, EOFError) as exc:
             raise self._error(f"ssd read failed: {_reason(exc)}") from exc
-        self._discard_corrupt(key, path, ino, corrupt)
+        if not from_newer_build(corrupt):  # a newer build's blob is a miss here, not corruption
+            self._discard_corrupt(key, path, ino, corrupt)
         return None, 0
 
     def get(self, key: ChunkKey) -> KVChunk | None:
@@ -187,7 +188,8 @@ class SSDTier(BudgetedTier):
         try:
             verify(blob)
         except CodecError as exc:
-            self._discard_corrupt(key, path, ino, exc)
+            if not from_newer_build(exc):
+                self._discard_corrupt(key, path, ino, exc)
             return None
         self.stats.record_get(1, 0, len(blob), 0.0)
         return blob

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from kvstore.codec import PREFIX_SIZE, header_nbytes, peek_header
-from kvstore.errors import CodecError
+from kvstore.errors import CodecError, from_newer_build
 from kvstore.keys import ChunkKey
 from kvstore.tiers.fileio import unlink_quiet
 
@@ -30,8 +30,8 @@ def valid_file(path: str, size: int) -> bool:
             prefix = f.read(PREFIX_SIZE)
             head = prefix + f.read(max(0, header_nbytes(prefix) - PREFIX_SIZE))
         return peek_header(head).total_nbytes == size
-    except (OSError, CodecError):
-        return False
+    except (OSError, CodecError) as exc:
+        return from_newer_build(exc)  # a newer build's blob: kept, its size is that build's to check
 
 
 def scan_blobs(root: str) -> ScanResult:

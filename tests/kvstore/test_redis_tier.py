@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from kvstore import RedisTier, TierUnavailableError
 from kvstore.redis_local import LocalRedis, LocalRedisCluster
+from kvstore.tiers.redis_layout import Manifest
 from tests.kvstore.conftest import assert_same, key, make_chunk
 
 
@@ -178,3 +180,19 @@ def test_part_recreated_by_a_concurrent_rewrite_is_not_corruption(redis_url: str
     assert not tier._parts_wrong_size(job)  # absent: evicted
     r.set(names[1], b"x" * 100)
     assert tier._parts_wrong_size(job)  # truncated: corrupt
+
+
+def test_a_newer_builds_blob_is_left_in_place(redis_url: str) -> None:
+    r = _raw(redis_url)
+    tier = RedisTier(redis_url, 1 << 30, stripe_bytes=4096)
+    tier.put(key(1), make_chunk(4))  # single blob
+    tier.put(key(2), make_chunk(64))  # striped: the version is in the manifest's copy of the head
+    blob = r.get(tier.main_key(key(1)))
+    assert blob is not None
+    r.set(tier.main_key(key(1)), blob[:4] + (99).to_bytes(2, "little") + blob[6:])
+    manifest = Manifest.parse(r.get(tier.main_key(key(2))))  # type: ignore[arg-type]
+    head = manifest.head[:4] + (99).to_bytes(2, "little") + manifest.head[6:]
+    r.set(tier.main_key(key(2)), dataclasses.replace(manifest, head=head).to_bytes())
+    assert tier.get_many([key(1), key(2)]) == [None, None]
+    assert tier.stats.snapshot().corrupt == 0
+    assert r.exists(tier.main_key(key(1)), tier.main_key(key(2))) == 2

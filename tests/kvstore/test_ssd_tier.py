@@ -166,3 +166,25 @@ def test_a_huge_sparse_file_is_a_corrupt_miss_not_an_allocation(tmp_path: Path) 
     os.truncate(tier.path_of(key(0)), 4 << 40)  # 4 TiB, its header still the blob's: checked before allocating
     assert tier.get(key(0)) is None
     assert tier.stats.snapshot().corrupt == 1 and not os.path.exists(tier.path_of(key(0)))
+
+
+def _with_version(blob: bytes, version: int) -> bytes:
+    return blob[:4] + version.to_bytes(2, "little") + blob[6:]
+
+
+def test_a_newer_builds_blob_is_left_in_place(tmp_path: Path) -> None:
+    """Builds of two format versions may share a directory (an upgrade, a rollback): a blob of a newer
+    version is a miss here, not corruption; one of an unknown older version is removed as corrupt."""
+    tier = SSDTier(tmp_path, 1 << 20)
+    for i in range(3):
+        tier.put(key(i), make_chunk(8, seed=i))
+    newer, older = Path(tier.path_of(key(0))), Path(tier.path_of(key(1)))
+    newer.write_bytes(_with_version(newer.read_bytes(), 99))
+    older.write_bytes(_with_version(older.read_bytes(), 0))
+    assert tier.get(key(0)) is None and newer.exists()
+    assert tier.get(key(1)) is None and not older.exists()
+    assert tier.stats.snapshot().corrupt == 1
+    tier.close()
+    again = SSDTier(tmp_path, 1 << 20)  # the start-up scan keeps it too
+    assert newer.exists() and again.contains(key(0)) and again.get(key(0)) is None
+    assert_same(again.get(key(2)), make_chunk(8, seed=2))
