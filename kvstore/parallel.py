@@ -2,8 +2,9 @@
 
 Why not ``pool.map``: on a small machine whose other cores are busy, a helper thread may not run for a
 whole time slice, and a caller blocked on it would wait that long for work it could have done itself. Here
-the caller takes items too, from the same counter; it waits only for items a helper has already begun, each
-bounded by one item's work. A helper that starts after the caller took everything finds nothing to do.
+the caller takes items too, from the same range (it from the front, helpers from the back); it waits only
+for items a helper has already begun, each bounded by one item's work. A helper that starts after the caller
+took everything finds nothing to do.
 Useful for work that releases the GIL (hashing, file reads, copies) in pieces of about a millisecond.
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+
 
 def _usable_cpus() -> int:
     try:

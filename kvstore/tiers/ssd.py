@@ -114,6 +114,8 @@ class SSDTier(BudgetedTier):
                 self._unaccount_locked(key)
 
     def _discard_corrupt(self, key: ChunkKey, path: str, ino: int, exc: Exception) -> None:
+        if from_newer_build(exc):  # a newer build's blob: a miss here, left for the builds that read it
+            return
         with self._lock:
             try:
                 if os.stat(path).st_ino == ino:  # not replaced by a concurrent put meanwhile
@@ -141,8 +143,7 @@ class SSDTier(BudgetedTier):
             return None, 0
         except (OSError, EOFError) as exc:
             raise self._error(f"ssd read failed: {_reason(exc)}") from exc
-        if not from_newer_build(corrupt):  # a newer build's blob is a miss here, not corruption
-            self._discard_corrupt(key, path, ino, corrupt)
+        self._discard_corrupt(key, path, ino, corrupt)
         return None, 0
 
     def get(self, key: ChunkKey) -> KVChunk | None:
@@ -188,8 +189,7 @@ class SSDTier(BudgetedTier):
         try:
             verify(blob)
         except CodecError as exc:
-            if not from_newer_build(exc):
-                self._discard_corrupt(key, path, ino, exc)
+            self._discard_corrupt(key, path, ino, exc)
             return None
         self.stats.record_get(1, 0, len(blob), 0.0)
         return blob
